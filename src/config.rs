@@ -1,0 +1,298 @@
+//! Pipeline configuration: serde structs with defaults, read from `pipelines/*.toml`, overridden by
+//! command-line flags, saved as the effective config in the run directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DEFAULT_DATA_DIR;
+use crate::models::VaeConfig;
+
+/// Self-supervised pretraining methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Convolutional variational autoencoder.
+    Vae,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Vae => "vae",
+        }
+    }
+}
+
+/// Where the tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// burn's `flex` CPU backend.
+    Cpu,
+    /// An NVIDIA GPU through burn's CUDA backend (binary built with `--features cuda`).
+    Cuda,
+}
+
+/// Learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    /// Cosine decay from `learning_rate` to `learning_rate * min_lr_ratio` over the run.
+    Cosine,
+}
+
+/// `frugal ssl-pretrain`: everything a run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub method: Method,
+    pub device: DeviceKind,
+    pub data: DataConfig,
+    pub vae: VaeConfig,
+    pub train: TrainConfig,
+    pub checkpoint: CheckpointConfig,
+    pub report: ReportConfig,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Vae,
+            device: DeviceKind::Cpu,
+            data: DataConfig::default(),
+            vae: VaeConfig::default(),
+            train: TrainConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            report: ReportConfig::default(),
+        }
+    }
+}
+
+/// Which images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory with the IDX files (gzipped or not).
+    pub dir: PathBuf,
+    /// Use only the first N training images (all when absent).
+    pub limit: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_DATA_DIR),
+            limit: None,
+        }
+    }
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: u64,
+    pub batch_size: usize,
+    /// Adam's learning rate (peak, with a schedule).
+    pub learning_rate: f64,
+    pub lr_schedule: LrSchedule,
+    /// Linear warm-up steps before the schedule.
+    pub warmup_steps: u64,
+    /// Floor of the cosine schedule, as a fraction of `learning_rate`.
+    pub min_lr_ratio: f64,
+    /// Weight of the KL term (beta-VAE; 1 is the plain ELBO).
+    pub kl_weight: f64,
+    /// Seed of every random choice: initial weights, data order, noise.
+    pub seed: u64,
+    /// CPU threads for the tensor kernels (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 256,
+            learning_rate: 1e-3,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: 100,
+            min_lr_ratio: 0.05,
+            kl_weight: 1.0,
+            seed: 42,
+            threads: 0,
+        }
+    }
+}
+
+/// When to write checkpoints (always at the end of every epoch, too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Also write one when this many minutes passed since the last.
+    pub every_minutes: f64,
+    /// Also write one every this many steps (0: off).
+    pub every_steps: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every_minutes: 5.0,
+            every_steps: 0,
+        }
+    }
+}
+
+/// What goes to TensorBoard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Log step scalars every this many steps.
+    pub log_every_steps: u64,
+    /// Images in the input/reconstruction grid.
+    pub reconstruction_images: usize,
+    /// Buckets of the weight histograms.
+    pub histogram_buckets: usize,
+    /// Test images shown in the embedding projector at the end (0: none).
+    pub projector_samples: usize,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            log_every_steps: 10,
+            reconstruction_images: 32,
+            histogram_buckets: 30,
+            projector_samples: 2000,
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: invalid pipeline: {}",
+                path.display(),
+                one_line(&e.to_string())
+            )
+        })
+    }
+
+    /// The config as TOML (the effective config saved in each run).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The model's architecture, as recorded in checkpoints.
+    pub fn architecture(&self) -> serde_json::Value {
+        match self.method {
+            Method::Vae => serde_json::to_value(&self.vae).unwrap_or_default(),
+        }
+    }
+
+    /// Checks values that would otherwise fail deep inside training.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.epochs == 0 {
+            bail!("train.epochs must be at least 1");
+        }
+        if t.batch_size == 0 {
+            bail!("train.batch_size must be at least 1");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            bail!(
+                "train.learning_rate must be a positive number, got {}",
+                t.learning_rate
+            );
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            bail!(
+                "train.min_lr_ratio must be in [0, 1], got {}",
+                t.min_lr_ratio
+            );
+        }
+        if !(t.kl_weight.is_finite() && t.kl_weight >= 0.0) {
+            bail!("train.kl_weight must be >= 0, got {}", t.kl_weight);
+        }
+        if self.data.limit == Some(0) {
+            bail!("data.limit must be at least 1");
+        }
+        if self.vae.latent_dim == 0 || self.vae.encoder.channels.contains(&0) {
+            bail!("vae.latent_dim and vae.encoder.channels must be positive");
+        }
+        if self.report.log_every_steps == 0 {
+            bail!("report.log_every_steps must be at least 1");
+        }
+        if !(self.checkpoint.every_minutes > 0.0) {
+            bail!("checkpoint.every_minutes must be positive");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at optimizer step `step` of `total_steps`.
+    pub fn learning_rate(&self, step: u64, total_steps: u64) -> f64 {
+        let t = &self.train;
+        if step < t.warmup_steps {
+            return t.learning_rate * (step + 1) as f64 / t.warmup_steps as f64;
+        }
+        match t.lr_schedule {
+            LrSchedule::Constant => t.learning_rate,
+            LrSchedule::Cosine => {
+                let span = total_steps.saturating_sub(t.warmup_steps).max(1) as f64;
+                let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
+                let floor = t.learning_rate * t.min_lr_ratio;
+                floor
+                    + (t.learning_rate - floor)
+                        * 0.5
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_pipelines_parse_and_validate() {
+        for name in ["fashion-vae.toml", "smoke.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("pipelines")
+                .join(name);
+            let cfg = PretrainConfig::from_file(&path).unwrap();
+            cfg.validate().unwrap();
+            let back: PretrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+            assert_eq!(back, cfg, "{name} survives a save/load");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "[train]\nepochz = 3\n").unwrap();
+        let err = PretrainConfig::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("epochz") && err.contains("p.toml"), "{err}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let cfg = PretrainConfig::default();
+        let lr = |s| cfg.learning_rate(s, 1000);
+        assert!(lr(0) < lr(50) && lr(50) < lr(99));
+        assert!((lr(99) - 1e-3).abs() < 1e-12);
+        assert!(lr(500) < lr(100) && lr(999) >= 1e-3 * 0.05 - 1e-12);
+    }
+}

@@ -1,0 +1,16 @@
+//! frugal: label-efficient image classification.
+//!
+//! Self-supervised pretraining on all unlabeled images, then (later stages) active learning on a
+//! label budget. Data flows one way: files ([`data`]) -> batches -> models ([`models`]) ->
+//! training ([`pretrain`]) -> metrics and logs ([`tensorboard`], [`run`]).
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod models;
+pub mod pretrain;
+pub mod progress;
+pub mod run;
+pub mod tensorboard;

@@ -1,0 +1,53 @@
+//! Models: the shared convolutional encoder and the pretraining models built on it.
+
+pub mod encoder;
+pub mod vae;
+
+pub use encoder::{ConvEncoder, ConvEncoderConfig};
+pub use vae::{Vae, VaeConfig, VaeOutput};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Every float parameter of `module` with its dotted path (e.g. `encoder.conv1.weight`), copied
+/// to the host. For histograms and checksums, not for the training loop.
+pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f32>)> {
+    struct Collect {
+        path: Vec<String>,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let values = param
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            self.out.push((self.path.join("."), values));
+        }
+    }
+    let mut c = Collect {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut c);
+    c.out
+}
+
+/// A fingerprint of the weights (sum and sum of squares over every parameter, in f64), to check
+/// that two runs ended with the same model.
+pub fn weights_fingerprint<B: Backend, M: Module<B>>(module: &M) -> (f64, f64) {
+    named_params(module)
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .fold((0.0, 0.0), |(s, q), &x| {
+            (s + x as f64, q + (x as f64) * (x as f64))
+        })
+}
