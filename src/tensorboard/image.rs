@@ -25,14 +25,18 @@ impl GrayImage {
     }
 }
 
+/// Gray of the gaps between tiles: apart from black backgrounds and from the 0.5 gray of an
+/// untrained decoder.
+const PAD_GRAY: u8 = 80;
+
 /// Lays `images` (each `h*w` values in [0, 1], row-major) out row by row, `cols` per row, with
-/// `pad` pixels of gray between tiles. Values are clamped to [0, 1].
+/// `pad` pixels of [`PAD_GRAY`] between tiles. Values are clamped to [0, 1].
 pub fn image_grid(images: &[&[f32]], h: usize, w: usize, cols: usize, pad: usize) -> GrayImage {
     let cols = cols.max(1).min(images.len().max(1));
     let rows = images.len().div_ceil(cols).max(1);
     let width = cols * w + (cols + 1) * pad;
     let height = rows * h + (rows + 1) * pad;
-    let mut pixels = vec![128u8; width * height];
+    let mut pixels = vec![PAD_GRAY; width * height];
     for (i, img) in images.iter().enumerate() {
         let (r, c) = (i / cols, i % cols);
         let (y0, x0) = (pad + r * (h + pad), pad + c * (w + pad));
@@ -63,7 +67,7 @@ mod tests {
         assert_eq!(g.pixels[8], 255); // (1,1): first tile
         assert_eq!(g.pixels[7 + 4], 0); // (1,4): second tile
         assert_eq!(g.pixels[4 * 7 + 1], 255); // (4,1): third tile
-        assert_eq!(g.pixels[0], 128); // padding
+        assert_eq!(g.pixels[0], PAD_GRAY); // padding
         let png = g.to_png().unwrap();
         assert_eq!(&png[1..4], b"PNG");
     }

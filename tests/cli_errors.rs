@@ -1,0 +1,218 @@
+//! Bad input: each case ends with a clear one-line error naming the culprit, a non-zero exit
+//! code, no panic, and nothing of the user's overwritten.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Runs and checks the failure shape: exit 1, one line on stderr starting `error:`, no panic,
+/// containing every one of `wants`.
+fn fails_with(cmd: &mut std::process::Command, wants: &[&str]) {
+    let out = run(cmd);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "one error line expected: {err}");
+    let line = error_lines[0];
+    assert!(
+        err.trim_end().ends_with(line),
+        "the error is the last line: {err}"
+    );
+    for w in wants {
+        assert!(line.contains(w), "{w:?} not in {line:?}");
+    }
+}
+
+fn data(tmp: &Path) -> std::path::PathBuf {
+    sliced_data_dir(&tmp.join("data"), 256, 64)
+}
+
+#[test]
+fn missing_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    fails_with(
+        &mut smoke(tmp.path(), &missing, "r"),
+        &["nope", "does not exist", "dataset-fashion-mnist"],
+    );
+}
+
+#[test]
+fn truncated_gz() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    let f = dir.join("train-images-idx3-ubyte.gz");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &mut smoke(tmp.path(), &dir, "r"),
+        &["train-images-idx3-ubyte.gz", "truncated"],
+    );
+}
+
+#[test]
+fn wrong_magic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    // A label file where the images should be: a valid IDX file of the wrong kind.
+    std::fs::copy(
+        dir.join("t10k-labels-idx1-ubyte.gz"),
+        dir.join("train-images-idx3-ubyte.gz"),
+    )
+    .unwrap();
+    fails_with(
+        &mut smoke(tmp.path(), &dir, "r"),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "wrong magic number 0x00000801",
+        ],
+    );
+}
+
+#[test]
+fn count_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    let other = sliced_data_dir(&tmp.path().join("other"), 256, 50);
+    std::fs::copy(
+        other.join("t10k-labels-idx1-ubyte.gz"),
+        dir.join("t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
+    fails_with(
+        &mut smoke(tmp.path(), &dir, "r"),
+        &["t10k-labels-idx1-ubyte.gz has 50 labels", "64 images"],
+    );
+}
+
+#[test]
+fn checkpoint_problems_never_overwrite_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    let out = run(smoke(tmp.path(), &dir, "r").args(["--epochs", "1"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ck = tmp.path().join("r/checkpoint.bin");
+    let good = std::fs::read(&ck).unwrap();
+
+    // Empty.
+    std::fs::write(&ck, b"").unwrap();
+    fails_with(
+        smoke(tmp.path(), &dir, "r").arg("--resume"),
+        &["checkpoint.bin", "empty"],
+    );
+    assert_eq!(std::fs::read(&ck).unwrap().len(), 0, "left as is");
+
+    // Corrupt: one flipped byte in the middle, then a truncated copy.
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x10;
+    std::fs::write(&ck, &flipped).unwrap();
+    fails_with(
+        smoke(tmp.path(), &dir, "r").arg("--resume"),
+        &["checkpoint.bin", "corrupt"],
+    );
+    assert_eq!(std::fs::read(&ck).unwrap(), flipped, "left as is");
+    std::fs::write(&ck, &good[..good.len() - 100]).unwrap();
+    fails_with(
+        smoke(tmp.path(), &dir, "r").arg("--resume"),
+        &["checkpoint.bin", "corrupt"],
+    );
+
+    // Not a checkpoint at all.
+    std::fs::write(&ck, b"hello, I am a text file\n").unwrap();
+    fails_with(
+        smoke(tmp.path(), &dir, "r").arg("--resume"),
+        &["not a frugal checkpoint"],
+    );
+
+    // Another architecture: the same run resumed with a pipeline asking for a wider latent.
+    std::fs::write(&ck, &good).unwrap();
+    let wide = tmp.path().join("wide.toml");
+    let text = std::fs::read_to_string(smoke_pipeline()).unwrap();
+    std::fs::write(&wide, text.replace("latent_dim = 8", "latent_dim = 12")).unwrap();
+    fails_with(
+        frugal()
+            .args(["ssl-pretrain", "--resume", "--run", "r", "--pipeline"])
+            .arg(&wide)
+            .arg("--checkpoints")
+            .arg(tmp.path())
+            .arg("--data-dir")
+            .arg(&dir),
+        &["checkpoint.bin", "\"latent_dim\":8", "\"latent_dim\":12"],
+    );
+    assert_eq!(std::fs::read(&ck).unwrap(), good, "left as is");
+
+    // A fresh start on top of an existing run is refused, not overwritten.
+    fails_with(
+        &mut smoke(tmp.path(), &dir, "r"),
+        &["already holds a run", "--resume"],
+    );
+    assert_eq!(std::fs::read(&ck).unwrap(), good, "left as is");
+
+    // Missing checkpoint.
+    std::fs::remove_file(&ck).unwrap();
+    fails_with(
+        smoke(tmp.path(), &dir, "r").arg("--resume"),
+        &["no checkpoint at", "checkpoint.bin"],
+    );
+    // Missing run.
+    fails_with(
+        smoke(tmp.path(), &dir, "other").arg("--resume"),
+        &["does not exist", "nothing to resume"],
+    );
+}
+
+#[test]
+fn unwritable_run_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    // A file where the checkpoints root should be: no run directory can be made in it (this holds
+    // for root too, unlike permission bits).
+    let blocker = tmp.path().join("blocker");
+    std::fs::write(&blocker, b"").unwrap();
+    fails_with(
+        &mut smoke(&blocker, &dir, "r"),
+        &["cannot create run directory", "blocker"],
+    );
+}
+
+#[test]
+fn bad_flags_and_pipelines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = data(tmp.path());
+    fails_with(
+        smoke(tmp.path(), &dir, "r").args(["--epochs", "0"]),
+        &["epochs must be at least 1"],
+    );
+    fails_with(
+        smoke(tmp.path(), &dir, "r").args(["--limit", "0"]),
+        &["limit must be at least 1"],
+    );
+    fails_with(
+        &mut smoke(tmp.path(), &dir, "../escape"),
+        &["--run must be a plain name"],
+    );
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[train]\nepochz = 2\n").unwrap();
+    fails_with(
+        frugal()
+            .args(["ssl-pretrain", "--pipeline"])
+            .arg(&bad)
+            .arg("--checkpoints")
+            .arg(tmp.path()),
+        &["bad.toml", "epochz"],
+    );
+    fails_with(
+        frugal()
+            .args(["ssl-pretrain", "--pipeline"])
+            .arg(tmp.path().join("missing.toml")),
+        &["cannot read pipeline file", "missing.toml"],
+    );
+    #[cfg(not(feature = "cuda"))]
+    fails_with(
+        smoke(tmp.path(), &dir, "c").args(["--device", "cuda"]),
+        &["without CUDA support", "--features cuda"],
+    );
+}

@@ -1,0 +1,181 @@
+//! What frugal writes, read back by real TensorBoard (from PyPI, installed into .venv by
+//! scripts/test.sh): scalar tags, steps and values, image sizes, histograms, projector files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("FRUGAL_TB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run the tests through scripts/test.sh, which installs TensorBoard into \
+         .venv (or set FRUGAL_TB_PYTHON to a python that has it)",
+        p.display()
+    );
+    p
+}
+
+/// TensorBoard's view of a run directory (see scripts/check_tensorboard.py).
+fn tensorboard_view(run_dir: &Path) -> Value {
+    let out = std::process::Command::new(python())
+        .arg(repo().join("scripts/check_tensorboard.py"))
+        .arg(run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn csv_column(run_dir: &Path, name: &str) -> Vec<(u64, f32)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == name).unwrap();
+    lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[0].parse().unwrap(), cells[col].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn tensorboard_reads_scalars_images_histograms_and_projector() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sliced_data_dir(&tmp.path().join("data"), 512, 100);
+    let out = run(&mut smoke(tmp.path(), &data, "tb"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_dir = tmp.path().join("tb");
+    let tb = tensorboard_view(&run_dir);
+
+    // Scalars: every step 1..=16 (smoke: 512 images, batch 64, 2 epochs, logged every step), with
+    // the values of metrics.csv.
+    let scalars = tb["scalars"].as_object().unwrap();
+    let mut tags: Vec<&str> = scalars.keys().map(|s| s.as_str()).collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        [
+            "epoch/kl",
+            "epoch/loss",
+            "epoch/reconstruction",
+            "loss/kl",
+            "loss/reconstruction",
+            "loss/total",
+            "train/images_per_second",
+            "train/learning_rate"
+        ]
+    );
+    for (tag, column) in [
+        ("loss/total", "loss"),
+        ("loss/reconstruction", "reconstruction"),
+        ("loss/kl", "kl"),
+        ("train/learning_rate", "learning_rate"),
+    ] {
+        let from_tb: Vec<(u64, f32)> = scalars[tag]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap() as f32))
+            .collect();
+        let from_csv = csv_column(&run_dir, column);
+        assert_eq!(from_tb.len(), 16, "{tag}");
+        assert_eq!(from_tb, from_csv, "{tag}");
+    }
+    let epoch_steps: Vec<u64> = scalars["epoch/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(epoch_steps, [8, 16]);
+    // The loss went down.
+    let loss = &scalars["loss/total"];
+    assert!(loss[15][1].as_f64().unwrap() < loss[0][1].as_f64().unwrap());
+
+    // Images: the input/reconstruction grid before training and after each epoch; 16 images in
+    // rows of 8 pairs -> 8 x 4 tiles of 28 px with 2 px gaps.
+    let images = &tb["images"]["reconstructions"];
+    let steps: Vec<u64> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 8, 16]);
+    for e in images.as_array().unwrap() {
+        assert_eq!(
+            (e[1].as_u64(), e[2].as_u64()),
+            (Some(8 * 28 + 9 * 2), Some(4 * 28 + 5 * 2))
+        );
+        assert_eq!(
+            e[3],
+            serde_json::json!([8 * 28 + 9 * 2, 4 * 28 + 5 * 2]),
+            "PNG size"
+        );
+    }
+
+    // Histograms: one per weight tensor, with as many values as the tensor has.
+    let histos = tb["histograms"].as_object().unwrap();
+    let conv1 = &histos["weights/encoder.conv1.weight"];
+    assert_eq!(conv1.as_array().unwrap().len(), 3);
+    assert_eq!(conv1[0][1].as_f64(), Some((8 * 3 * 3) as f64));
+    assert_eq!(conv1[0][4].as_u64(), Some(20), "buckets");
+    assert_eq!(
+        histos["weights/mu.weight"][2][1].as_f64(),
+        Some((16 * 49 * 8) as f64)
+    );
+    assert!(histos.len() >= 14, "{:?}", histos.keys());
+
+    // Projector: 64 test images, 8-dimensional latents, labels and class names, an 8x8 sprite.
+    let p = &tb["projectors"]["vae_latent_mean"];
+    assert_eq!(p["dir"], "projector");
+    assert_eq!(p["tensor_shape"], serde_json::json!([64, 8]));
+    assert_eq!(p["tensors_loaded"], serde_json::json!([64, 8]));
+    assert_eq!(p["tensors_finite"], true);
+    assert_eq!(p["metadata_header"], serde_json::json!(["label", "class"]));
+    assert_eq!(p["metadata_rows"], 64);
+    assert_eq!(p["sprite_size"], serde_json::json!([8 * 28, 8 * 28]));
+    assert_eq!(p["sprite_tile"], serde_json::json!([28, 28]));
+}
+
+#[test]
+fn tensorboard_drops_steps_lost_to_a_kill() {
+    // Killed after a checkpoint, the process had logged steps past it; resumed from the
+    // checkpoint, TensorBoard must show each step once.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sliced_data_dir(&tmp.path().join("data"), 1024, 100);
+    let run_dir = tmp.path().join("a");
+    let args = ["--limit", "1024"]; // 16 steps per epoch, 2 epochs
+    let killed = kill_after_checkpoint(smoke(tmp.path(), &data, "a").args(args), &run_dir, 4);
+    assert!(killed.is_some(), "finished before the kill");
+    let out = run(smoke(tmp.path(), &data, "a").args(args).arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let tb = tensorboard_view(&run_dir);
+    let steps = |tag: &str, kind: &str| -> Vec<u64> {
+        tb[kind][tag]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e[0].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        steps("loss/total", "scalars"),
+        (1..=32).collect::<Vec<u64>>()
+    );
+    assert_eq!(steps("epoch/loss", "scalars"), [16, 32]);
+    assert_eq!(steps("reconstructions", "images"), [0, 16, 32]);
+    assert_eq!(csv_column(&run_dir, "loss").len(), 32);
+}
