@@ -27,6 +27,9 @@ done
 
 echo "test: cargo fmt --check" >&2
 cargo fmt --all -- --check
+# Build first: clippy then reuses the release build's metadata instead of compiling burn twice.
+echo "test: building (release)" >&2
+cargo test --release --no-run
 echo "test: cargo clippy -D warnings" >&2
 cargo clippy --release --all-targets -- -D warnings
 echo "test: cargo test" >&2

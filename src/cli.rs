@@ -119,6 +119,7 @@ fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
     };
     apply_flags(&mut cfg, &args);
     cfg.validate()?;
+    crate::device::ensure_available(cfg.device)?;
 
     let resume = match &saved {
         Some(saved) => {

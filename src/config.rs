@@ -230,7 +230,7 @@ impl PretrainConfig {
         if self.report.log_every_steps == 0 {
             bail!("report.log_every_steps must be at least 1");
         }
-        if !(self.checkpoint.every_minutes > 0.0) {
+        if !(self.checkpoint.every_minutes.is_finite() && self.checkpoint.every_minutes > 0.0) {
             bail!("checkpoint.every_minutes must be positive");
         }
         Ok(())

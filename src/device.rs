@@ -28,23 +28,47 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, threads: usize, job: J) -> Result
     }
 }
 
+/// Checks that `kind` can be used by this binary on this machine, before any work starts.
+pub fn ensure_available(kind: DeviceKind) -> Result<()> {
+    match kind {
+        DeviceKind::Cpu => Ok(()),
+        DeviceKind::Cuda => cuda_available(),
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn run_cuda<J: BackendJob>(job: J) -> Result<J::Output> {
+fn cuda_available() -> Result<()> {
     // burn's CUDA backend panics at the first tensor when the driver is missing: look first.
     // SAFETY: loading the NVIDIA driver library runs only its initialisers.
-    if let Err(e) = unsafe { libloading::Library::new("libcuda.so.1") } {
-        anyhow::bail!(
+    match unsafe { libloading::Library::new("libcuda.so.1") } {
+        Ok(_) => Ok(()),
+        Err(e) => anyhow::bail!(
             "--device cuda: cannot load the NVIDIA driver (libcuda.so.1: {e}); is there a GPU and its driver?"
-        );
+        ),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_available() -> Result<()> {
+    Err(not_built_with_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn not_built_with_cuda() -> anyhow::Error {
+    anyhow::anyhow!(
+        "--device cuda: this frugal was built without CUDA support; rebuild with \
+         `cargo build --release --features cuda`"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: BackendJob>(job: J) -> Result<J::Output> {
+    cuda_available()?;
     let device = burn::backend::cuda::CudaDevice::default();
     job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(device)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda<J: BackendJob>(_job: J) -> Result<J::Output> {
-    anyhow::bail!(
-        "--device cuda: this frugal was built without CUDA support; rebuild with \
-         `cargo build --release --features cuda`"
-    )
+    Err(not_built_with_cuda())
 }

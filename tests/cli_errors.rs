@@ -211,8 +211,14 @@ fn bad_flags_and_pipelines() {
         &["cannot read pipeline file", "missing.toml"],
     );
     #[cfg(not(feature = "cuda"))]
-    fails_with(
-        smoke(tmp.path(), &dir, "c").args(["--device", "cuda"]),
-        &["without CUDA support", "--features cuda"],
-    );
+    {
+        fails_with(
+            smoke(tmp.path(), &dir, "c").args(["--device", "cuda"]),
+            &["without CUDA support", "--features cuda"],
+        );
+        assert!(
+            !tmp.path().join("c").exists(),
+            "nothing written for an unusable device"
+        );
+    }
 }

@@ -29,12 +29,15 @@ pub struct VaePretrain(pub PretrainRun);
 
 /// Where training stands; saved in every checkpoint, so a resumed run continues exactly.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Progress {
     /// Epochs completed.
     epoch: u64,
     /// Batches of the current epoch done.
     batch_in_epoch: u64,
     global_step: u64,
+    /// Images trained on, all epochs together.
+    images: u64,
     /// Seconds spent in training steps, all sessions together.
     train_seconds: f64,
     /// Running sums of the current epoch.
@@ -113,16 +116,23 @@ impl BackendJob for VaePretrain {
                         p.batch_in_epoch
                     );
                 }
-                log(
-                    None,
-                    &format!(
+                let msg = if p.epoch >= epochs {
+                    format!(
+                        "{} already completed {} epochs: nothing to train (pass a larger --epochs \
+                         to go on)",
+                        run.root.display(),
+                        p.epoch
+                    )
+                } else {
+                    format!(
                         "resuming {} after step {} (epoch {}, batch {}/{steps_per_epoch})",
                         run.root.display(),
                         p.global_step,
                         p.epoch + 1,
                         p.batch_in_epoch
-                    ),
-                );
+                    )
+                };
+                log(None, &msg);
             }
             None => {
                 B::seed(&device, seed);
@@ -214,6 +224,7 @@ impl BackendJob for VaePretrain {
                 p.global_step += 1;
                 p.batch_in_epoch = b + 1;
                 p.train_seconds += seconds;
+                p.images += k as u64;
                 p.sums.total += loss * k as f64;
                 p.sums.reconstruction += recon * k as f64;
                 p.sums.kl += kl * k as f64;
@@ -224,7 +235,7 @@ impl BackendJob for VaePretrain {
                 bar.inc(k as u64);
 
                 let step = p.global_step;
-                if step % cfg.report.log_every_steps == 0 {
+                if step.is_multiple_of(cfg.report.log_every_steps) {
                     let ips = window_images as f64 / window_seconds.max(1e-9);
                     tb.add_scalar("loss/total", loss as f32, step)?;
                     tb.add_scalar("loss/reconstruction", recon as f32, step)?;
@@ -255,8 +266,8 @@ impl BackendJob for VaePretrain {
                     (window_images, window_seconds) = (0, 0.0);
                 }
 
-                let by_steps =
-                    cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
+                let by_steps = cfg.checkpoint.every_steps > 0
+                    && step.is_multiple_of(cfg.checkpoint.every_steps);
                 let by_time =
                     last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint.every_minutes * 60.0;
                 if (by_steps || by_time) && p.batch_in_epoch < steps_per_epoch {
@@ -331,8 +342,7 @@ impl BackendJob for VaePretrain {
             epochs,
             global_step: p.global_step,
             train_seconds: p.train_seconds,
-            images_per_second: (p.global_step as f64 * bs as f64).min((epochs * n as u64) as f64)
-                / p.train_seconds.max(1e-9),
+            images_per_second: p.images as f64 / p.train_seconds.max(1e-9),
             last_epoch_losses: serde_json::json!({
                 "total": last[0], "reconstruction": last[1], "kl": last[2]
             }),

@@ -25,7 +25,7 @@ pub struct Embedding<'a> {
 /// TensorBoard only looks for projector configs in run directories).
 pub fn write_projector(dir: &Path, emb: &Embedding) -> Result<()> {
     ensure!(
-        emb.dim > 0 && emb.vectors.len() % emb.dim == 0,
+        emb.dim > 0 && emb.vectors.len().is_multiple_of(emb.dim),
         "embedding shape mismatch"
     );
     let n = emb.vectors.len() / emb.dim;

@@ -28,7 +28,7 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
 /// The masked CRC TensorFlow stores (so that a CRC of data holding CRCs stays well distributed).
 pub fn masked_crc32c(bytes: &[u8]) -> u32 {
     let crc = crc32c(bytes);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One framed record, ready to append to an event file.
