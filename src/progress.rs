@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// A bar over images with rate and ETA on a terminal; hidden when stderr is not one (logs, CI),
 /// where [`log`] lines carry the progress instead.
@@ -10,9 +10,12 @@ pub fn images_bar(total: u64, done: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} img  {per_sec}  ETA {eta}  {msg}",
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} img  {rate}  ETA {eta}  {msg}",
         )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} img/s", s.per_sec());
+        }),
     );
     bar.set_prefix(what.to_string());
     bar.set_position(done);
