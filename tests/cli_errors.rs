@@ -144,6 +144,15 @@ fn checkpoint_problems_never_overwrite_the_file() {
     );
     assert_eq!(std::fs::read(&ck).unwrap(), good, "left as is");
 
+    // A resume that would change the data order: another seed, batch size or data limit.
+    for flags in [["--seed", "8"], ["--batch-size", "32"], ["--limit", "128"]] {
+        fails_with(
+            smoke(tmp.path(), &dir, "r").arg("--resume").args(flags),
+            &["cannot resume", "data order would change"],
+        );
+    }
+    assert_eq!(std::fs::read(&ck).unwrap(), good, "left as is");
+
     // A fresh start on top of an existing run is refused, not overwritten.
     fails_with(
         &mut smoke(tmp.path(), &dir, "r"),
