@@ -175,10 +175,10 @@ impl PretrainConfig {
     /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
-                "{}: invalid pipeline: {}",
+                "{}: invalid config: {}",
                 path.display(),
                 one_line(&e.to_string())
             )

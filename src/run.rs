@@ -40,7 +40,8 @@ impl RunDir {
         self.check_writable()
     }
 
-    /// Checks an existing run for `--resume`.
+    /// Checks an existing run for `--resume`, and removes temporary files that a process killed in
+    /// the middle of an atomic write left behind (the real files were never touched).
     pub fn open_existing(&self) -> Result<()> {
         if !self.root.is_dir() {
             bail!(
@@ -48,7 +49,14 @@ impl RunDir {
                 self.root.display()
             );
         }
-        self.check_writable()
+        self.check_writable()?;
+        for entry in std::fs::read_dir(&self.root)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp.") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<()> {

@@ -217,7 +217,7 @@ fn bad_flags_and_pipelines() {
         frugal()
             .args(["ssl-pretrain", "--pipeline"])
             .arg(tmp.path().join("missing.toml")),
-        &["cannot read pipeline file", "missing.toml"],
+        &["cannot read config file", "missing.toml"],
     );
     #[cfg(not(feature = "cuda"))]
     {

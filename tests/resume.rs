@@ -37,10 +37,14 @@ fn killed_and_resumed_matches_uninterrupted() {
         &resumed,
         first + 10,
     );
+    // What a kill in the middle of an atomic write leaves: a temporary file, cleared on resume.
+    let stale = resumed.join(".checkpoint.bin.tmp.4242");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
     let out = run(smoke(tmp.path(), &data, "resumed")
         .args(args)
         .arg("--resume"));
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stale.exists(), "stale temporary file removed");
     let err = stderr(&out);
     assert!(err.contains("resuming"), "{err}");
     eprintln!("killed at checkpoint steps {first} and {second:?}");

@@ -53,9 +53,25 @@ fn csv_column(run_dir: &Path, name: &str) -> Vec<(u64, f32)> {
 fn tensorboard_reads_scalars_images_histograms_and_projector() {
     let tmp = tempfile::tempdir().unwrap();
     let data = sliced_data_dir(&tmp.path().join("data"), 512, 100);
+    let run_dir = tmp.path().join("tb");
+    // A run that died before its first checkpoint left its events here (another seed, so other
+    // values); the fresh start must hide them from TensorBoard.
+    let out = run(smoke(tmp.path(), &data, "dead").args(["--seed", "99"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    for entry in std::fs::read_dir(tmp.path().join("dead")).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("events.out")
+        {
+            std::fs::copy(&path, run_dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
     let out = run(&mut smoke(tmp.path(), &data, "tb"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let run_dir = tmp.path().join("tb");
     let tb = tensorboard_view(&run_dir);
 
     // Scalars: every step 1..=16 (smoke: 512 images, batch 64, 2 epochs, logged every step), with

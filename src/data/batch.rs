@@ -5,7 +5,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{FashionMnist, IMAGE_SIDE};
+use super::{pixel_value, FashionMnist, IMAGE_SIDE};
 
 /// A reproducible RNG for one purpose (`stream`) at one position (`counter`, e.g. the epoch or the
 /// global step). Every random choice in training derives from `(seed, stream, counter)`, so a
@@ -52,7 +52,7 @@ pub fn images_tensor<B: Backend>(
     let px = IMAGE_SIDE * IMAGE_SIDE;
     let mut values = Vec::with_capacity(indices.len() * px);
     for &i in indices {
-        values.extend(data.image(i).iter().map(|&p| p as f32 * (1.0 / 255.0)));
+        values.extend(data.image(i).iter().map(|&p| pixel_value(p)));
     }
     Tensor::from_data(
         TensorData::new(values, [indices.len(), 1, IMAGE_SIDE, IMAGE_SIDE]),

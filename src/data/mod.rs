@@ -6,4 +6,4 @@ pub mod batch;
 mod fashion;
 pub mod idx;
 
-pub use fashion::{FashionMnist, Split, CLASS_NAMES, DEFAULT_DATA_DIR, IMAGE_SIDE};
+pub use fashion::{pixel_value, FashionMnist, Split, CLASS_NAMES, DEFAULT_DATA_DIR, IMAGE_SIDE};

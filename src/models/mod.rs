@@ -6,15 +6,25 @@ pub mod vae;
 pub use encoder::{ConvEncoder, ConvEncoderConfig};
 pub use vae::{Vae, VaeConfig, VaeOutput};
 
+use anyhow::Result;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
+/// A tensor's values on the host, as f32 (for reports; never inside the training step).
+pub fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Vec<f32>> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("cannot copy a tensor to the host: {e:?}"))
+}
+
 /// Every float parameter of `module` with its dotted path (e.g. `encoder.conv1.weight`), copied
 /// to the host. For histograms and checksums, not for the training loop.
-pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f32>)> {
+pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Result<Vec<(String, Vec<f32>)>> {
     struct Collect {
         path: Vec<String>,
-        out: Vec<(String, Vec<f32>)>,
+        out: Vec<(String, Result<Vec<f32>>)>,
     }
     impl<B: Backend> ModuleVisitor<B> for Collect {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -24,13 +34,8 @@ pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f3
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let values = param
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap_or_default();
-            self.out.push((self.path.join("."), values));
+            self.out
+                .push((self.path.join("."), host_values(param.val())));
         }
     }
     let mut c = Collect {
@@ -39,15 +44,18 @@ pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f3
     };
     module.visit(&mut c);
     c.out
+        .into_iter()
+        .map(|(name, values)| Ok((name, values?)))
+        .collect()
 }
 
 /// A fingerprint of the weights (sum and sum of squares over every parameter, in f64), to check
 /// that two runs ended with the same model.
-pub fn weights_fingerprint<B: Backend, M: Module<B>>(module: &M) -> (f64, f64) {
-    named_params(module)
+pub fn weights_fingerprint<B: Backend, M: Module<B>>(module: &M) -> Result<(f64, f64)> {
+    Ok(named_params(module)?
         .iter()
         .flat_map(|(_, v)| v.iter())
         .fold((0.0, 0.0), |(s, q), &x| {
             (s + x as f64, q + (x as f64) * (x as f64))
-        })
+        }))
 }

@@ -64,7 +64,7 @@ pub fn log_weight_histograms<B: Backend, M: Module<B>>(
     buckets: usize,
     step: u64,
 ) -> Result<()> {
-    for (name, values) in named_params(module) {
+    for (name, values) in named_params(module)? {
         tb.add_histogram(&format!("weights/{name}"), &values, buckets, step)?;
     }
     Ok(())

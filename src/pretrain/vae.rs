@@ -19,7 +19,7 @@ use crate::data::batch::{self, epoch_order, fixed_subsample, images_tensor, rng_
 use crate::data::{FashionMnist, Split, IMAGE_SIDE};
 use crate::device::BackendJob;
 use crate::models::vae::vae_losses;
-use crate::models::{weights_fingerprint, Vae};
+use crate::models::{host_values, weights_fingerprint, Vae};
 use crate::progress::{images_bar, log};
 use crate::run::MetricsCsv;
 use crate::tensorboard::{image_grid, EventWriter};
@@ -27,18 +27,24 @@ use crate::tensorboard::{image_grid, EventWriter};
 /// Pretrains a [`Vae`]; see [`super::pretrain`].
 pub struct VaePretrain(pub PretrainRun);
 
-/// Where training stands; saved in every checkpoint, so a resumed run continues exactly.
+/// Where training stands; saved in every checkpoint, so a resumed run continues exactly. The
+/// counters live in the checkpoint header (the one place any stage reads them from); the rest goes
+/// to the header's `extra`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 struct Progress {
     /// Epochs completed.
+    #[serde(skip)]
     epoch: u64,
     /// Batches of the current epoch done.
+    #[serde(skip)]
     batch_in_epoch: u64,
+    #[serde(skip)]
     global_step: u64,
     /// Images trained on, all epochs together.
     images: u64,
     /// Seconds spent in training steps, all sessions together.
+    #[serde(skip)]
     train_seconds: f64,
     /// Running sums of the current epoch.
     sums: EpochSums,
@@ -105,9 +111,12 @@ impl BackendJob for VaePretrain {
                     record_from_bytes::<B, _>(ck.blob(&ckpt_path, "optimizer")?, &device)?;
                 model = cfg.vae.init(&device).load_record(model_record);
                 optim = optim.load_record(optim_record);
-                p = serde_json::from_value(ck.header.extra.clone()).map_err(|e| {
+                let h = &ck.header;
+                p = serde_json::from_value(h.extra.clone()).map_err(|e| {
                     anyhow::anyhow!("{}: unreadable progress record: {e}", ckpt_path.display())
                 })?;
+                (p.epoch, p.batch_in_epoch, p.global_step, p.train_seconds) =
+                    (h.epoch, h.batch_in_epoch, h.global_step, h.train_seconds);
                 if p.batch_in_epoch >= steps_per_epoch {
                     bail!(
                         "{}: batch {} is past the end of an epoch of {steps_per_epoch} batches \
@@ -156,10 +165,15 @@ impl BackendJob for VaePretrain {
             resume.as_ref().map(|_| p.global_step),
         )?;
         let recon_idx = fixed_subsample(n, cfg.report.reconstruction_images, seed);
-        if resume.is_some() {
-            // TensorBoard drops what the interrupted process logged after its checkpoint.
-            tb.add_session_start(p.global_step + 1)?;
+        // TensorBoard drops what earlier processes logged past this point: after the checkpoint
+        // on a resume; everything from a run that died before its first checkpoint on a fresh start.
+        let first_new_step = if resume.is_some() {
+            p.global_step + 1
         } else {
+            0
+        };
+        tb.add_session_start(first_new_step)?;
+        if resume.is_none() {
             log_reconstructions(&mut tb, &model, &train, &recon_idx, &device, 0)?;
             log_weight_histograms(&mut tb, &model, cfg.report.histogram_buckets, 0)?;
         }
@@ -208,9 +222,12 @@ impl BackendJob for VaePretrain {
                 let lr = cfg.learning_rate(p.global_step, total_steps);
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(lr, model, grads);
-                let loss: f64 = loss.into_scalar().elem();
-                let recon: f64 = recon.into_scalar().elem();
-                let kl: f64 = kl.into_scalar().elem();
+                // One copy to the host for the three numbers.
+                let [loss, recon, kl]: [f32; 3] =
+                    host_values(Tensor::cat(vec![loss, recon, kl], 0))?
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("loss tensor of unexpected shape"))?;
+                let (loss, recon, kl) = (loss as f64, recon as f64, kl as f64);
                 if !loss.is_finite() {
                     bail!(
                         "the loss became {loss} at step {}: try a lower train.learning_rate; the \
@@ -264,6 +281,9 @@ impl BackendJob for VaePretrain {
                         last_line = Instant::now();
                     }
                     (window_images, window_seconds) = (0, 0.0);
+                    // On disk now, for a TensorBoard watching live (and for nothing to sit in a
+                    // buffer for minutes).
+                    tb.flush()?;
                 }
 
                 let by_steps = cfg.checkpoint.every_steps > 0
@@ -314,14 +334,7 @@ impl BackendJob for VaePretrain {
             let mut vectors = Vec::with_capacity(sample.indices.len() * cfg.vae.latent_dim);
             for chunk in sample.indices.chunks(500) {
                 let x = images_tensor::<B::InnerBackend>(&sample.images, chunk, &device);
-                vectors.extend(
-                    inner
-                        .embed(x)
-                        .into_data()
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .map_err(|e| anyhow::anyhow!("cannot read embeddings: {e:?}"))?,
-                );
+                vectors.extend(host_values(inner.embed(x))?);
             }
             sample.write(
                 &run.projector(),
@@ -332,7 +345,7 @@ impl BackendJob for VaePretrain {
         }
         tb.flush()?;
 
-        let (weights_sum, weights_sum_squares) = weights_fingerprint(&model);
+        let (weights_sum, weights_sum_squares) = weights_fingerprint(&model)?;
         let last = p.last_epoch.unwrap_or([f64::NAN; 3]);
         let summary = PretrainSummary {
             method: cfg.method.name().into(),
@@ -374,11 +387,7 @@ fn log_reconstructions<B: AutodiffBackend>(
     let inner = model.valid();
     let x = images_tensor::<B::InnerBackend>(data, indices, device);
     let recon = sigmoid(inner.decode(inner.embed(x)));
-    let recon: Vec<f32> = recon
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| anyhow::anyhow!("cannot read reconstructions: {e:?}"))?;
+    let recon = host_values(recon)?;
     let px = IMAGE_SIDE * IMAGE_SIDE;
     let inputs: Vec<Vec<f32>> = indices.iter().map(|&i| data.image_f32(i)).collect();
     let cols = indices.len().min(8);

@@ -14,7 +14,8 @@ pub struct Event {
     pub file_version: Option<String>,
     #[prost(message, optional, tag = "5")]
     pub summary: Option<Summary>,
-    #[prost(message, optional, tag = "6")]
+    // Field 6 is the deprecated `log_message`: the session log is 7.
+    #[prost(message, optional, tag = "7")]
     pub session_log: Option<SessionLog>,
 }
 

@@ -27,7 +27,7 @@ pub fn smoke_pipeline() -> PathBuf {
     repo().join("pipelines/smoke.toml")
 }
 
-/// Runs `cmd`, returning its output; panics with both streams if it does not finish.
+/// Runs `cmd` to the end and returns its output.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("cannot start frugal")
 }
