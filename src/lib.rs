@@ -4,11 +4,14 @@
 //! label budget. Data flows one way: files ([`data`]) -> batches -> models ([`models`]) ->
 //! training ([`pretrain`]) -> metrics and logs ([`tensorboard`], [`run`]).
 
+pub mod active;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod finetune;
+pub mod labels;
 pub mod models;
 pub mod pretrain;
 pub mod progress;

@@ -1,0 +1,2 @@
+//! Active learning: the pool bookkeeping and the acquisition strategies.
+pub mod strategies;
