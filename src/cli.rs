@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::active::Strategy;
 use crate::checkpoint::Checkpoint;
 use crate::config::{DeviceKind, Method, PretrainConfig};
+use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze};
+use crate::finetune::{self, FinetuneRun};
+use crate::labels::{self, LabelDb};
 use crate::pretrain::{self, PretrainRun, STAGE};
 use crate::progress::log;
 use crate::run::RunDir;
@@ -29,18 +33,119 @@ pub enum Command {
     /// optimizer, progress, RNG state), metrics.csv, summary.json, TensorBoard event files and the
     /// embedding projector (projector/). Watch it with `tensorboard --logdir checkpoints`.
     SslPretrain(PretrainArgs),
+    /// Active learning on a pretrained encoder: buy labels where the model is least sure, train a
+    /// classifier, evaluate on the test set.
+    ///
+    /// Rounds: a label-free first batch (--cold-start), then train (early stopping on a validation
+    /// slice of the bought labels), score the unlabeled pool, buy the next batch (--strategy),
+    /// until --labels are spent. Labels come only from the label database, which records and
+    /// charges each one (<run>/labels.db unless --label-db). Writes checkpoints/<run>/:
+    /// config.toml, labels.db, checkpoint.bin, metrics.csv (one row per round), predictions.csv,
+    /// summary.json, TensorBoard events and the projector of the fine-tuned embeddings.
+    Finetune(FinetuneArgs),
+    /// The label database: import the ground truth, show what was bought.
+    #[command(subcommand)]
+    Labels(LabelsCommand),
+}
+
+/// `frugal labels ...`.
+#[derive(Debug, Subcommand)]
+pub enum LabelsCommand {
+    /// Creates a label database from the training label file (the only code that reads it).
+    Import(LabelsImportArgs),
+    /// Prints the budget, the labels spent, and the purchases per class and per round.
+    Status(LabelsStatusArgs),
+}
+
+/// `frugal labels import`.
+#[derive(Debug, Args)]
+pub struct LabelsImportArgs {
+    /// The database file to create (refused if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub label_db: PathBuf,
+    /// Directory with the Fashion-MNIST IDX files [default: /usr/share/datasets/fashion-mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Import only the first N training items (the pool of a run with the same --limit).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// The most labels that may ever be bought from this database (unset: a finetune run sets
+    /// it to its --labels).
+    #[arg(long, value_name = "N")]
+    pub budget: Option<u64>,
+}
+
+/// `frugal labels status`.
+#[derive(Debug, Args)]
+pub struct LabelsStatusArgs {
+    /// The database file.
+    #[arg(long, value_name = "FILE")]
+    pub label_db: PathBuf,
+}
+
+/// `frugal finetune`.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The pretrained encoder: a `frugal ssl-pretrain` run directory [default:
+    /// checkpoints/fashion-vae].
+    #[arg(long, value_name = "DIR")]
+    pub encoder: Option<PathBuf>,
+    /// Label budget: the labels to buy in all [default: 2000].
+    #[arg(long, value_name = "N")]
+    pub labels: Option<u64>,
+    /// Size of the first (cold-start) batch [default: 200].
+    #[arg(long, value_name = "N")]
+    pub initial: Option<u64>,
+    /// Labels bought per later round [default: 200].
+    #[arg(long, value_name = "N", conflicts_with = "rounds")]
+    pub per_round: Option<u64>,
+    /// Rounds after the first batch (sets --per-round to spread the rest of the budget evenly).
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<u64>,
+    /// How the first batch is chosen, label-free [default: kmeans].
+    #[arg(long, value_enum)]
+    pub cold_start: Option<ColdStart>,
+    /// Acquisition strategy of later rounds [default: margin-kcenter: the most uncertain by
+    /// margin, then k-center among them for diversity].
+    #[arg(long, value_enum)]
+    pub strategy: Option<Strategy>,
+    /// MC-dropout samples for --strategy bald [default: 10].
+    #[arg(long, value_name = "N")]
+    pub mc_samples: Option<usize>,
+    /// Which weights train: encoder (frozen encoder, head only), partial (last conv block and
+    /// head), none (everything) [default: encoder].
+    #[arg(long, value_enum)]
+    pub freeze: Option<Freeze>,
+    /// Augmented copies (shift, flip) of each bought image; 0 turns augmentation off [default: 2].
+    #[arg(long, value_name = "N")]
+    pub augment: Option<usize>,
+    /// Most epochs per round (early stopping on the validation labels ends sooner) [default: 60].
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<u64>,
+    /// The pool: the first N training images [default: all].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Evaluate on the first N test images [default: all].
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+    /// The label database [default: <run>/labels.db, created from the training label file].
+    #[arg(long, value_name = "FILE")]
+    pub label_db: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Flags shared by every stage.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Pipeline file (TOML) with the defaults of this run; flags below override it.
-    /// Without it, the built-in defaults (those of pipelines/fashion-vae.toml) apply, or, with
-    /// --resume, the config saved in the run directory.
+    /// Pipeline file (TOML) with the defaults of this run; flags override it. Without it, the
+    /// built-in defaults apply (those of pipelines/fashion-vae.toml for ssl-pretrain,
+    /// pipelines/fashion-finetune.toml for finetune), or, with --resume, the config saved in the
+    /// run directory.
     #[arg(long, value_name = "FILE")]
     pub pipeline: Option<PathBuf>,
-    /// Run name: outputs go to <checkpoints>/<run>/ [default: the pipeline file's name, or
-    /// fashion-vae].
+    /// Run name: outputs go to <checkpoints>/<run>/ [default: the pipeline file's name, else
+    /// fashion-vae for ssl-pretrain and finetune for finetune].
     #[arg(long, value_name = "NAME")]
     pub run: Option<String>,
     /// Root directory of the run directories.
@@ -91,20 +196,176 @@ pub struct PretrainArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::SslPretrain(args) => ssl_pretrain(args),
+        Command::Finetune(args) => finetune_cmd(args),
+        Command::Labels(LabelsCommand::Import(args)) => {
+            let dir = args
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(crate::data::DEFAULT_DATA_DIR));
+            let db = labels::import(&args.label_db, &dir, args.limit, args.budget)?;
+            println!("{}", db.status()?);
+            Ok(())
+        }
+        Command::Labels(LabelsCommand::Status(args)) => {
+            let db = LabelDb::open(&args.label_db)?;
+            println!("{}", db.status()?);
+            Ok(())
+        }
     }
 }
 
-fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
-    let c = &args.common;
-    let run_name = match (&c.run, &c.pipeline) {
+/// The run name: `--run`, else the pipeline file's stem, else `default`.
+fn run_name(c: &CommonArgs, default: &str) -> String {
+    match (&c.run, &c.pipeline) {
         (Some(name), _) => name.clone(),
         (None, Some(p)) => p
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        (None, None) => "fashion-vae".into(),
+        (None, None) => default.into(),
+    }
+}
+
+fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
+    let c = &args.common;
+    let run = RunDir::new(&c.checkpoints, &run_name(c, "finetune"))?;
+    let saved = if c.resume {
+        run.open_existing()?;
+        if !run.config().exists() {
+            bail!(
+                "{} holds no config.toml: nothing to resume (run without --resume to start it)",
+                run.root.display()
+            );
+        }
+        Some(FinetuneConfig::from_file(&run.config())?)
+    } else {
+        None
     };
-    let run = RunDir::new(&c.checkpoints, &run_name)?;
+    let mut cfg = match (&c.pipeline, &saved) {
+        (Some(path), _) => FinetuneConfig::from_file(path)?,
+        (None, Some(saved)) => saved.clone(),
+        (None, None) => FinetuneConfig::default(),
+    };
+    apply_finetune_flags(&mut cfg, &args);
+    cfg.validate(None)?;
+    if let Some(saved) = &saved {
+        if saved.plan() != cfg.plan() {
+            bail!(
+                "cannot resume {} with another label plan, encoder, model or seed: leave those flags out (saved in {})",
+                run.root.display(),
+                run.config().display()
+            );
+        }
+    } else {
+        // A finetune run may die before its first checkpoint; what makes a directory a run is
+        // its config and label database.
+        if run.config().exists() || run.root.join("labels.db").exists() {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or choose another --run",
+                run.root.display()
+            );
+        }
+        run.create_fresh()?;
+    }
+    crate::device::ensure_available(cfg.device)?;
+    crate::checkpoint::write_atomic(&run.config(), cfg.to_toml()?.as_bytes())
+        .context("cannot save the effective config")?;
+    log(
+        None,
+        &format!(
+            "finetune on {:?}: run {}, encoder {}, {} labels ({} first by {}, then {} per round by {}), freeze {:?}, seed {}",
+            cfg.device,
+            run.root.display(),
+            cfg.encoder.display(),
+            cfg.labels.budget,
+            cfg.labels.initial,
+            cfg.labels.cold_start.name(),
+            cfg.labels.per_round,
+            cfg.labels.strategy.name(),
+            cfg.model.freeze,
+            cfg.train.seed
+        ),
+    );
+    let summary = finetune::finetune(FinetuneRun {
+        cfg,
+        run,
+        resume: c.resume,
+    })?;
+    log(
+        None,
+        &format!(
+            "done: {} labels bought, test accuracy {:.2}% ({} test images), {:.0} s; outputs in {}",
+            summary.labels_bought,
+            100.0 * summary.test_accuracy,
+            summary.test_images,
+            summary.seconds,
+            summary.run_dir
+        ),
+    );
+    Ok(())
+}
+
+fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
+    let c = &args.common;
+    let l = &mut cfg.labels;
+    if let Some(v) = &args.encoder {
+        cfg.encoder = v.clone();
+    }
+    if let Some(v) = args.labels {
+        l.budget = v;
+    }
+    if let Some(v) = args.initial {
+        l.initial = v;
+    }
+    if let Some(v) = args.per_round {
+        l.per_round = v;
+    }
+    if let Some(r) = args.rounds {
+        l.per_round = l.per_round_for(r);
+    }
+    if let Some(v) = args.cold_start {
+        l.cold_start = v;
+    }
+    if let Some(v) = args.strategy {
+        l.strategy = v;
+    }
+    if let Some(v) = args.mc_samples {
+        l.mc_samples = v;
+    }
+    if let Some(v) = &args.label_db {
+        l.db = Some(v.clone());
+    }
+    if let Some(v) = args.freeze {
+        cfg.model.freeze = v;
+    }
+    if let Some(v) = args.augment {
+        cfg.train.augment_copies = v;
+    }
+    if let Some(v) = args.epochs {
+        cfg.train.max_epochs = v;
+    }
+    if let Some(v) = args.limit {
+        cfg.data.limit = Some(v);
+    }
+    if let Some(v) = args.test_limit {
+        cfg.data.test_limit = Some(v);
+    }
+    if let Some(d) = &c.data_dir {
+        cfg.data.dir = d.clone();
+    }
+    if let Some(d) = c.device {
+        cfg.device = d;
+    }
+    if let Some(s) = c.seed {
+        cfg.train.seed = s;
+    }
+    if let Some(t) = c.threads {
+        cfg.train.threads = t;
+    }
+}
+
+fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
+    let c = &args.common;
+    let run = RunDir::new(&c.checkpoints, &run_name(c, "fashion-vae"))?;
 
     let saved = if c.resume {
         run.open_existing()?;

@@ -1,2 +1,8 @@
-//! Active learning: the pool bookkeeping and the acquisition strategies.
+//! Active learning: the pool and ledger bookkeeping ([`pool`]) apart from the acquisition
+//! strategies ([`strategies`]), which are pure functions from scores and embeddings to picks.
+
+pub mod pool;
 pub mod strategies;
+
+pub use pool::Pool;
+pub use strategies::{Pick, PoolView, Strategy};

@@ -26,6 +26,16 @@ pub mod stream {
     pub const NOISE: u64 = 2;
     /// Fixed subsamples for reports (counter: 0).
     pub const REPORT: u64 = 3;
+    /// Which bought labels are held out for validation (counter: item).
+    pub const VALIDATION: u64 = 4;
+    /// Fine-tuning: order and augmented copy per epoch (counter: round and epoch).
+    pub const FINETUNE_ORDER: u64 = 5;
+    /// Fine-tuning: dropout masks (counter: round and step; MC-dropout scoring: round).
+    pub const DROPOUT: u64 = 6;
+    /// Augmented copies of bought images (counter: item and copy).
+    pub const AUGMENT: u64 = 7;
+    /// Acquisition: random picks, k-means seeding, projections (counter: round).
+    pub const ACQUIRE: u64 = 8;
 }
 
 /// The order in which epoch `epoch` visits the `n` images.

@@ -2,6 +2,7 @@
 //!
 //! Flow: files ([`idx`]) -> [`FashionMnist`] (u8 pixels in memory) -> [`batch`] (f32 tensors).
 
+pub mod augment;
 pub mod batch;
 mod fashion;
 pub mod idx;

@@ -1,1 +1,700 @@
-//! placeholder
+//! `frugal finetune`: active learning on a pretrained encoder.
+//!
+//! Rounds: buy a first batch (label-free cold start), then repeatedly train the classifier on the
+//! bought labels (early stopping on a validation slice of them), score the unlabeled pool, buy the
+//! next batch, until the budget is spent. The label database's ledger is the run's state: a
+//! resumed run reads which labels it owns from it, and every step after a purchase is
+//! deterministic, so a kill at any moment loses at most the work since the last purchase or
+//! checkpoint, and no label is bought twice. The test set is scored after each round for the
+//! report only; no decision reads it.
+
+pub mod config;
+pub mod encoder;
+pub mod report;
+pub mod train;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::active::strategies::{self, Pick, PoolView};
+use crate::active::Pool;
+use crate::checkpoint::{module_to_bytes, record_from_bytes, Checkpoint, CheckpointHeader};
+use crate::data::batch::{fixed_subsample, images_tensor, rng_for, stream};
+use crate::data::{FashionMnist, Split, CLASS_NAMES, IMAGE_SIDE};
+use crate::device::BackendJob;
+use crate::labels::{self, DatasetId, LabelDb, Purchase};
+use crate::models::{host_values, Classifier, ConvEncoder};
+use crate::pretrain::ProjectorSample;
+use crate::progress::{images_bar, log};
+use crate::run::{MetricsCsv, RunDir};
+use crate::tensorboard::{image_grid, EventWriter};
+use config::{ColdStart, FinetuneConfig, Freeze};
+use encoder::load_encoder;
+use report::{per_class_map, ConfusionMatrix, FinetuneSummary};
+use train::{score, train_round, Inputs, RoundTraining, Set};
+
+/// The stage name recorded in checkpoints.
+pub const STAGE: &str = "finetune";
+
+/// Dimension of the random projection the k-means cold start clusters in.
+const COLD_START_DIM: usize = 64;
+
+/// A finetune run, ready to start or to resume.
+pub struct FinetuneRun {
+    pub cfg: FinetuneConfig,
+    pub run: RunDir,
+    pub resume: bool,
+}
+
+impl FinetuneRun {
+    /// The label database: `labels.db` in the run directory unless the config names one.
+    pub fn label_db_path(&self) -> PathBuf {
+        self.cfg
+            .labels
+            .db
+            .clone()
+            .unwrap_or_else(|| self.run.root.join("labels.db"))
+    }
+}
+
+/// Runs (or resumes) a finetune run on the configured device.
+pub fn finetune(run: FinetuneRun) -> Result<FinetuneSummary> {
+    let (kind, threads) = (run.cfg.device, run.cfg.train.threads);
+    crate::device::run_on(kind, threads, FinetuneJob(run))
+}
+
+struct FinetuneJob(FinetuneRun);
+
+/// What the checkpoint's `extra` holds besides the header counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    /// The config's plan ([`FinetuneConfig::plan`]) the run was started with.
+    plan: serde_json::Value,
+    /// The model was trained on the labels of rounds `0..rounds_trained`.
+    rounds_trained: u32,
+    training: RoundTraining,
+    /// Wall-clock seconds of earlier sessions.
+    seconds: f64,
+}
+
+impl BackendJob for FinetuneJob {
+    type Output = FinetuneSummary;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<FinetuneSummary> {
+        let started = Instant::now();
+        let db_path = self.0.label_db_path();
+        let FinetuneRun { cfg, run, resume } = self.0;
+        let seed = cfg.train.seed;
+        let classes = CLASS_NAMES.len();
+
+        let pool_images = FashionMnist::load_images(&cfg.data.dir, Split::Train, cfg.data.limit)?;
+        cfg.validate(Some(pool_images.len() as u64))?;
+        let test_images =
+            FashionMnist::load_images(&cfg.data.dir, Split::Test, cfg.data.test_limit)?;
+        // Test labels are for the report only: no decision below reads them.
+        let test_labels = FashionMnist::load_labels(&cfg.data.dir, Split::Test, &test_images)?;
+        let pretrained = load_encoder::<B>(&cfg.encoder, &device)?;
+        if !pretrained.finished {
+            log(
+                None,
+                &format!(
+                    "note: the encoder run {} has not finished pretraining (epoch {})",
+                    cfg.encoder.display(),
+                    pretrained.epochs
+                ),
+            );
+        }
+        let architecture = serde_json::json!({
+            "encoder": pretrained.identity,
+            "model": cfg.model,
+            "classes": classes,
+        });
+        let method = cfg.labels.strategy.name();
+
+        // The label database: the run's ledger and the only source of training labels.
+        let mut db = open_label_db(
+            &db_path,
+            &cfg,
+            &pool_images,
+            resume,
+            run.checkpoint().exists(),
+        )?;
+        let mut pool = Pool::from_ledger(pool_images.len(), db.bought()?)?;
+        let sizes = cfg.labels.round_sizes();
+        check_ledger(&pool, &sizes)?;
+
+        // The model of the last checkpoint, if it was trained on exactly the labels bought.
+        let ckpt_path = run.checkpoint();
+        let mut seconds_before = 0.0;
+        let mut trained: Option<(Classifier<B>, RoundTraining)> = None;
+        if resume && ckpt_path.exists() {
+            let ck = Checkpoint::load(&ckpt_path)?;
+            ck.expect(&ckpt_path, STAGE, method, &architecture)?;
+            let saved: Saved = serde_json::from_value(ck.header.extra.clone()).map_err(|e| {
+                anyhow::anyhow!("{}: unreadable progress: {e}", ckpt_path.display())
+            })?;
+            if saved.plan != cfg.plan() {
+                bail!(
+                    "cannot resume {} with another label plan, model or seed (saved: {})",
+                    run.root.display(),
+                    saved.plan
+                );
+            }
+            seconds_before = saved.seconds;
+            if saved.rounds_trained == pool.rounds() {
+                let record = record_from_bytes::<B, _>(ck.blob(&ckpt_path, "model")?, &device)?;
+                let model =
+                    new_classifier(&cfg, &pretrained.encoder, pretrained.feature_dim, &device)
+                        .load_record(record);
+                trained = Some((model, saved.training));
+            }
+        }
+        if resume {
+            log(
+                None,
+                &format!(
+                    "resuming {}: {} labels bought in {} rounds (from {})",
+                    run.root.display(),
+                    pool.spent(),
+                    pool.rounds(),
+                    db_path.display()
+                ),
+            );
+        }
+
+        // With a frozen encoder its features are computed once; the head trains on them.
+        let encoder_inner = pretrained.encoder.clone().valid();
+        let features = if cfg.model.freeze == Freeze::Encoder {
+            let f_pool = encode_all(
+                &encoder_inner,
+                &pool_images,
+                &cfg,
+                "features (pool)",
+                &device,
+            )?;
+            let f_test = encode_all(
+                &encoder_inner,
+                &test_images,
+                &cfg,
+                "features (test)",
+                &device,
+            )?;
+            Some((f_pool, f_test, pretrained.feature_dim))
+        } else {
+            None
+        };
+        let mut inputs = Inputs::new(&pool_images, &test_images, features, &cfg);
+
+        let mut tb = EventWriter::create(&run.root)?;
+        // TensorBoard drops what an interrupted process logged at steps >= this one.
+        tb.add_session_start(pool.spent())?;
+        let mut csv = MetricsCsv::open(
+            &run.metrics(),
+            &[
+                "labels",
+                "round",
+                "train_labels",
+                "validation_labels",
+                "epochs",
+                "best_epoch",
+                "train_loss",
+                "validation_accuracy",
+                "validation_loss",
+                "test_accuracy",
+                "seconds",
+            ],
+            (pool.spent() > 0).then(|| pool.spent() - 1),
+        )?;
+
+        let (model, training, test_probs) = loop {
+            let round = pool.rounds();
+            if round == 0 {
+                let k = sizes[0] as usize;
+                let picks = match cfg.labels.cold_start {
+                    ColdStart::Random => random_picks(&pool.candidates(), k, seed),
+                    ColdStart::Kmeans => {
+                        let f = match &inputs.features {
+                            Some((f, _, _)) => project::<B::InnerBackend>(
+                                f,
+                                pretrained.feature_dim,
+                                seed,
+                                &device,
+                            )?,
+                            None => {
+                                let f = encode_all(
+                                    &encoder_inner,
+                                    &pool_images,
+                                    &cfg,
+                                    "features (cold start)",
+                                    &device,
+                                )?;
+                                project::<B::InnerBackend>(
+                                    &f,
+                                    pretrained.feature_dim,
+                                    seed,
+                                    &device,
+                                )?
+                            }
+                        };
+                        let mut rng = rng_for(seed, stream::ACQUIRE, 0);
+                        strategies::kmeans_typical(&f, COLD_START_DIM, k, 20, 20, &mut rng)?
+                    }
+                };
+                buy(&mut db, &mut pool, &picks, 0, cfg.labels.cold_start.name())?;
+                log_purchase(&mut tb, &pool, &pool_images, 0, cfg.report.bought_grid)?;
+                continue;
+            }
+
+            let t_round = Instant::now();
+            let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
+            let (model, training) = match trained.take() {
+                Some(m) => m,
+                None => {
+                    let train_items: Vec<usize> = train_set.iter().map(|&(i, _)| i).collect();
+                    inputs.prepare_augmented(Some(&encoder_inner), &train_items, &device)?;
+                    B::seed(&device, seed.wrapping_add(round as u64));
+                    let init =
+                        new_classifier(&cfg, &pretrained.encoder, pretrained.feature_dim, &device);
+                    let (model, training) =
+                        train_round(init, &train_set, &val_set, &inputs, &cfg, round, &device)?;
+                    // Checkpoint before anything is logged for this round.
+                    save(
+                        &ckpt_path,
+                        &model,
+                        &training,
+                        &cfg,
+                        method,
+                        &architecture,
+                        &pool,
+                        seed,
+                        seconds_before + started.elapsed().as_secs_f64(),
+                        false,
+                    )?;
+                    (model, training)
+                }
+            };
+
+            // The report: the test set is scored here and never feeds a decision.
+            let inner = model.valid();
+            let test_items: Vec<usize> = (0..test_images.len()).collect();
+            let test_scores = score(
+                &inner,
+                &inputs,
+                Set::Test,
+                &test_items,
+                &cfg,
+                false,
+                0,
+                &device,
+            )?;
+            let cm = ConfusionMatrix::new(&test_scores.probs, &test_labels);
+            let step = pool.spent();
+            tb.add_scalar("labels/spent", step as f32, step)?;
+            tb.add_scalar("labels/train", train_set.len() as f32, step)?;
+            tb.add_scalar("labels/validation", val_set.len() as f32, step)?;
+            tb.add_scalar(
+                "accuracy/validation",
+                training.validation_accuracy as f32,
+                step,
+            )?;
+            tb.add_scalar("loss/validation", training.validation_loss as f32, step)?;
+            tb.add_scalar("loss/train", training.train_loss as f32, step)?;
+            tb.add_scalar("accuracy/test", cm.accuracy() as f32, step)?;
+            tb.add_scalar("train/epochs", training.epochs as f32, step)?;
+            let classes_bought: Vec<f32> =
+                pool.labeled_classes().iter().map(|&c| c as f32).collect();
+            tb.add_histogram("labels/classes", &classes_bought, classes, step)?;
+            for (name, n) in CLASS_NAMES.iter().zip(pool.class_counts(classes)) {
+                tb.add_scalar(&format!("labels_per_class/{name}"), n as f32, step)?;
+            }
+            let secs = t_round.elapsed().as_secs_f64();
+            csv.row(&[
+                step.to_string(),
+                round.to_string(),
+                train_set.len().to_string(),
+                val_set.len().to_string(),
+                training.epochs.to_string(),
+                training.best_epoch.to_string(),
+                format!("{:.5}", training.train_loss),
+                format!("{:.5}", training.validation_accuracy),
+                format!("{:.5}", training.validation_loss),
+                format!("{:.5}", cm.accuracy()),
+                format!("{secs:.1}"),
+            ])?;
+            tb.flush()?;
+            csv.flush()?;
+            log(
+                None,
+                &format!(
+                    "round {round}: {step} labels ({} train / {} validation): validation accuracy \
+                     {:.2}% (epoch {} of {}), test accuracy {:.2}% (report only), {secs:.0} s",
+                    train_set.len(),
+                    val_set.len(),
+                    100.0 * training.validation_accuracy,
+                    training.best_epoch,
+                    training.epochs,
+                    100.0 * cm.accuracy()
+                ),
+            );
+
+            if round as usize >= sizes.len() {
+                break (model, training, test_scores.probs);
+            }
+
+            // Acquisition: score the pool, pick, buy.
+            let k = sizes[round as usize] as usize;
+            let strategy = cfg.labels.strategy;
+            let all: Vec<usize> = (0..pool.size()).collect();
+            let mc = if strategy.needs_mc_samples() {
+                cfg.labels.mc_samples
+            } else {
+                0
+            };
+            let bar = images_bar(all.len() as u64, 0, "scoring");
+            let scores = score(
+                &inner,
+                &inputs,
+                Set::Pool,
+                &all,
+                &cfg,
+                strategy.needs_embeddings(),
+                mc,
+                &device,
+            )?;
+            bar.finish_and_clear();
+            let (candidates, labeled) = (pool.candidates(), pool.labeled());
+            let view = PoolView {
+                classes,
+                probs: &scores.probs,
+                mc_probs: &scores.mc_probs,
+                mc_samples: mc,
+                embeddings: &scores.embeddings,
+                dim: cfg.model.hidden,
+                candidates: &candidates,
+                labeled: &labeled,
+            };
+            let mut rng = rng_for(seed, stream::ACQUIRE, round as u64);
+            let picks =
+                strategies::select(strategy, &view, k, cfg.labels.candidate_factor, &mut rng)?;
+            buy(&mut db, &mut pool, &picks, round, strategy.name())?;
+            log_purchase(&mut tb, &pool, &pool_images, round, cfg.report.bought_grid)?;
+        };
+
+        // The end: predictions, confusion matrix, projector, summary.
+        let seconds = seconds_before + started.elapsed().as_secs_f64();
+        save(
+            &ckpt_path,
+            &model,
+            &training,
+            &cfg,
+            method,
+            &architecture,
+            &pool,
+            seed,
+            seconds,
+            true,
+        )?;
+        let cm = ConfusionMatrix::new(&test_probs, &test_labels);
+        report::write_predictions(&run.root.join("predictions.csv"), &test_probs)?;
+        let step = pool.spent();
+        tb.add_image("test/confusion_matrix", &cm.image(24), step)?;
+        if cfg.report.projector_samples > 0 {
+            let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
+            let inner = model.valid();
+            let emb = score(&inner, &inputs, Set::Test, &indices, &cfg, true, 0, &device)?;
+            let sample = ProjectorSample {
+                labels: indices.iter().map(|&i| test_labels[i]).collect(),
+                images: test_images.clone(),
+                indices,
+            };
+            sample.write(
+                &run.projector(),
+                "finetuned_embedding",
+                &emb.embeddings,
+                cfg.model.hidden,
+            )?;
+        }
+        tb.flush()?;
+        log(
+            None,
+            &format!("test confusion matrix (rows: true class):\n{}", cm.table()),
+        );
+
+        let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
+        let summary = FinetuneSummary {
+            run_dir: run.root.display().to_string(),
+            device: format!("{:?}", cfg.device).to_lowercase(),
+            encoder: pretrained.identity.clone(),
+            encoder_run: cfg.encoder.display().to_string(),
+            strategy: method.into(),
+            cold_start: cfg.labels.cold_start.name().into(),
+            freeze: format!("{:?}", cfg.model.freeze).to_lowercase(),
+            seed,
+            labels_budget: cfg.labels.budget,
+            labels_bought: db.spent()?,
+            rounds: pool.rounds(),
+            train_labels: train_set.len(),
+            validation_labels: val_set.len(),
+            validation_accuracy: training.validation_accuracy,
+            test_images: test_images.len(),
+            test_accuracy: cm.accuracy(),
+            per_class_accuracy: per_class_map(&cm.per_class()),
+            bought_per_class: per_class_map(&pool.class_counts(classes)),
+            confusion_matrix: cm.matrix.clone(),
+            seconds,
+            config: serde_json::to_value(&cfg)?,
+        };
+        crate::checkpoint::write_atomic(
+            &run.summary(),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        Ok(summary)
+    }
+}
+
+/// Opens the label database (checking that it belongs to this pool), or creates it from the
+/// training label file on a fresh run.
+fn open_label_db(
+    path: &std::path::Path,
+    cfg: &FinetuneConfig,
+    pool_images: &FashionMnist,
+    resume: bool,
+    has_checkpoint: bool,
+) -> Result<LabelDb> {
+    let budget = cfg.labels.budget;
+    if !path.exists() {
+        // Without a checkpoint the run may have died before creating its database (nothing can
+        // have been bought then); with one, the database existed and is gone.
+        if resume && has_checkpoint {
+            bail!(
+                "the run's label database {} is missing: its bought labels are lost (start a new \
+                 run without --resume)",
+                path.display()
+            );
+        }
+        return labels::import(path, &cfg.data.dir, cfg.data.limit, Some(budget));
+    }
+    let mut db = LabelDb::open(path)?;
+    db.check_dataset(&DatasetId::of_train_images(pool_images))?;
+    let spent = db.spent()?;
+    if !resume && spent > 0 {
+        bail!(
+            "the label database {} already holds {spent} bought labels: pass --resume to continue \
+             that run, or give a new --label-db",
+            path.display()
+        );
+    }
+    match db.budget()? {
+        None => db.set_budget(budget)?,
+        Some(b) if b < budget => bail!(
+            "the label database {} allows {b} labels, fewer than --labels {budget}",
+            path.display()
+        ),
+        Some(_) => {}
+    }
+    Ok(db)
+}
+
+/// Refuses a ledger that this plan could not have written.
+fn check_ledger(pool: &Pool, sizes: &[u64]) -> Result<()> {
+    for round in 0..pool.rounds() {
+        let n = pool.bought_in(round).len() as u64;
+        if sizes.get(round as usize) != Some(&n) {
+            bail!(
+                "the label database's ledger bought {n} labels in round {round}, but this plan \
+                 buys {:?} there: it belongs to another run",
+                sizes.get(round as usize)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Buys `picks` in one database transaction and reloads the pool from the ledger.
+fn buy(
+    db: &mut LabelDb,
+    pool: &mut Pool,
+    picks: &[Pick],
+    round: u32,
+    strategy: &str,
+) -> Result<()> {
+    let purchases: Vec<Purchase> = picks
+        .iter()
+        .map(|p| Purchase {
+            item: p.item as u64,
+            round,
+            strategy,
+            score: p.score,
+        })
+        .collect();
+    db.query(&purchases)?;
+    *pool = Pool::from_ledger(pool.size(), db.bought()?)?;
+    Ok(())
+}
+
+/// A grid of the images bought in `round`, at the step of the labels spent after it.
+fn log_purchase(
+    tb: &mut EventWriter,
+    pool: &Pool,
+    images: &FashionMnist,
+    round: u32,
+    max: usize,
+) -> Result<()> {
+    let bought = pool.bought_in(round);
+    log(
+        None,
+        &format!(
+            "round {round}: bought {} labels ({} in all)",
+            bought.len(),
+            pool.spent()
+        ),
+    );
+    if max > 0 {
+        let tiles: Vec<Vec<f32>> = bought
+            .iter()
+            .take(max)
+            .map(|b| images.image_f32(b.item as usize))
+            .collect();
+        let refs: Vec<&[f32]> = tiles.iter().map(|t| t.as_slice()).collect();
+        let grid = image_grid(&refs, IMAGE_SIDE, IMAGE_SIDE, 16, 2);
+        tb.add_image("labels/bought_images", &grid, pool.spent())?;
+    }
+    tb.flush()
+}
+
+/// `k` random candidates.
+fn random_picks(candidates: &[usize], k: usize, seed: u64) -> Vec<Pick> {
+    let mut c = candidates.to_vec();
+    c.shuffle(&mut rng_for(seed, stream::ACQUIRE, 0));
+    c.truncate(k);
+    c.into_iter()
+        .map(|item| Pick { item, score: None })
+        .collect()
+}
+
+/// A fresh classifier for `cfg.model.freeze`: head only (frozen encoder, features precomputed),
+/// or the pretrained encoder with its first blocks frozen (partial) or all trainable.
+fn new_classifier<B: AutodiffBackend>(
+    cfg: &FinetuneConfig,
+    encoder: &ConvEncoder<B>,
+    feature_dim: usize,
+    device: &B::Device,
+) -> Classifier<B> {
+    let encoder = match cfg.model.freeze {
+        Freeze::Encoder => None,
+        Freeze::Partial => {
+            let mut e = encoder.clone();
+            e.conv1 = e.conv1.no_grad();
+            e.conv2 = e.conv2.no_grad();
+            Some(e)
+        }
+        Freeze::None => Some(encoder.clone()),
+    };
+    Classifier::new(
+        encoder,
+        feature_dim,
+        cfg.model.hidden,
+        CLASS_NAMES.len(),
+        device,
+    )
+}
+
+/// Encoder features of every image, `[n, feature_dim]` row-major, with a progress bar.
+fn encode_all<B: Backend>(
+    encoder: &ConvEncoder<B>,
+    images: &FashionMnist,
+    cfg: &FinetuneConfig,
+    what: &str,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let n = images.len();
+    let bar = images_bar(n as u64, 0, what);
+    let mut out = Vec::new();
+    let idx: Vec<usize> = (0..n).collect();
+    for chunk in idx.chunks(cfg.train.eval_batch_size) {
+        out.extend(host_values(
+            encoder.forward(images_tensor::<B>(images, chunk, device)),
+        )?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// A seeded Gaussian random projection of `features` (`n * dim`) to [`COLD_START_DIM`]
+/// dimensions: distances survive (Johnson-Lindenstrauss) and k-means gets cheap.
+fn project<B: Backend>(
+    features: &[f32],
+    dim: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let mut rng = rng_for(seed, stream::ACQUIRE, u64::MAX);
+    let scale = 1.0 / (COLD_START_DIM as f32).sqrt();
+    let m: Vec<f32> = (0..dim * COLD_START_DIM)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .map(|v: f32| v * scale)
+        .collect();
+    let m = Tensor::<B, 2>::from_data(TensorData::new(m, [dim, COLD_START_DIM]), device);
+    let n = features.len() / dim;
+    let mut out = Vec::with_capacity(n * COLD_START_DIM);
+    for start in (0..n).step_by(4096) {
+        let end = (start + 4096).min(n);
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(
+                features[start * dim..end * dim].to_vec(),
+                [end - start, dim],
+            ),
+            device,
+        );
+        out.extend(host_values(x.matmul(m.clone()))?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save<B: AutodiffBackend>(
+    path: &std::path::Path,
+    model: &Classifier<B>,
+    training: &RoundTraining,
+    cfg: &FinetuneConfig,
+    method: &str,
+    architecture: &serde_json::Value,
+    pool: &Pool,
+    seed: u64,
+    seconds: f64,
+    finished: bool,
+) -> Result<()> {
+    let saved = Saved {
+        plan: cfg.plan(),
+        rounds_trained: pool.rounds(),
+        training: training.clone(),
+        seconds,
+    };
+    Checkpoint {
+        header: CheckpointHeader {
+            stage: STAGE.into(),
+            method: method.into(),
+            architecture: architecture.clone(),
+            epoch: pool.rounds() as u64,
+            batch_in_epoch: 0,
+            global_step: pool.spent(),
+            seed,
+            train_seconds: seconds,
+            finished,
+            frugal_version: env!("CARGO_PKG_VERSION").into(),
+            extra: serde_json::to_value(saved)?,
+        },
+        blobs: vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)],
+    }
+    .save(path)
+    .with_context(|| format!("cannot write checkpoint {}", path.display()))
+}

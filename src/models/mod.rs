@@ -1,8 +1,10 @@
 //! Models: the shared convolutional encoder and the pretraining models built on it.
 
+pub mod classifier;
 pub mod encoder;
 pub mod vae;
 
+pub use classifier::{Classifier, ClassifierInput};
 pub use encoder::{ConvEncoder, ConvEncoderConfig};
 pub use vae::{Vae, VaeConfig, VaeOutput};
 

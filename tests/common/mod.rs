@@ -77,6 +77,35 @@ pub fn sliced_data_dir(dir: &Path, train: usize, test: usize) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Like [`sliced_data_dir`], plus the first `train` training labels: what the label database's
+/// import reads (and nothing else does).
+pub fn sliced_data_dir_with_labels(dir: &Path, train: usize, test: usize) -> PathBuf {
+    sliced_data_dir(dir, train, test);
+    let labels = idx::read_labels(&real("train-labels-idx1-ubyte.gz"), 10).unwrap();
+    std::fs::write(
+        dir.join("train-labels-idx1-ubyte.gz"),
+        gz(&idx::encode(&[train], &labels[..train])),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// `frugal finetune` on the smoke-finetune pipeline with outputs under `root`, data from `data`
+/// and the encoder run `encoder`.
+pub fn smoke_finetune(root: &Path, data: &Path, encoder: &Path, run_name: &str) -> Command {
+    let mut cmd = frugal();
+    cmd.args(["finetune", "--pipeline"])
+        .arg(repo().join("pipelines/smoke-finetune.toml"))
+        .args(["--run", run_name, "--checkpoints"])
+        .arg(root)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--encoder")
+        .arg(encoder)
+        .args(["--threads", "2"]);
+    cmd
+}
+
 /// `frugal ssl-pretrain` on the smoke pipeline with outputs under `root` and data from `data`.
 pub fn smoke(root: &Path, data: &Path, run_name: &str) -> Command {
     let mut cmd = frugal();

@@ -1,0 +1,379 @@
+//! `frugal finetune`: the pipeline config (serde structs with defaults, `pipelines/*.toml`,
+//! overridden by flags, saved as `config.toml` in the run directory).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::active::strategies::Strategy;
+use crate::config::DeviceKind;
+use crate::data::DEFAULT_DATA_DIR;
+
+/// How the first batch of labels is chosen, before any classifier exists. Both are label-free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ColdStart {
+    /// Uniformly at random from the pool.
+    Random,
+    /// k-means on the pretrained embedding, then the most typical image of each cluster
+    /// (TypiClust), so the first batch covers the data.
+    Kmeans,
+}
+
+impl ColdStart {
+    pub fn name(self) -> &'static str {
+        match self {
+            ColdStart::Random => "random",
+            ColdStart::Kmeans => "kmeans",
+        }
+    }
+}
+
+/// Which encoder weights train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Freeze {
+    /// The encoder stays as pretrained; only the head trains (encoder features are computed once).
+    Encoder,
+    /// The last conv block and the head train; the first blocks stay frozen.
+    Partial,
+    /// Everything trains (full fine-tuning).
+    None,
+}
+
+/// `frugal finetune`: everything a run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneConfig {
+    pub device: DeviceKind,
+    /// The pretrained encoder: a run directory of `frugal ssl-pretrain`.
+    pub encoder: PathBuf,
+    pub data: FinetuneData,
+    pub labels: LabelPlan,
+    pub model: HeadConfig,
+    pub train: FinetuneTrain,
+    pub report: FinetuneReport,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            device: DeviceKind::Cpu,
+            encoder: PathBuf::from("checkpoints/fashion-vae"),
+            data: FinetuneData::default(),
+            labels: LabelPlan::default(),
+            model: HeadConfig::default(),
+            train: FinetuneTrain::default(),
+            report: FinetuneReport::default(),
+        }
+    }
+}
+
+/// Which images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneData {
+    /// Directory with the IDX files (gzipped or not).
+    pub dir: PathBuf,
+    /// The pool: the first N training images (all when absent).
+    pub limit: Option<usize>,
+    /// Evaluate on the first N test images (all when absent).
+    pub test_limit: Option<usize>,
+}
+
+impl Default for FinetuneData {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_DATA_DIR),
+            limit: None,
+            test_limit: None,
+        }
+    }
+}
+
+/// How the label budget is spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LabelPlan {
+    /// Labels to buy in all (the database enforces it).
+    pub budget: u64,
+    /// Size of the first batch (the cold start).
+    pub initial: u64,
+    /// Labels bought in each later round (the last round may buy fewer).
+    pub per_round: u64,
+    pub cold_start: ColdStart,
+    pub strategy: Strategy,
+    /// Uncertainty pre-filter of margin-kcenter: k-center runs among the `candidate_factor * k`
+    /// most uncertain images.
+    pub candidate_factor: usize,
+    /// MC-dropout forward passes for BALD.
+    pub mc_samples: usize,
+    /// Share of the bought labels held out for validation (early stopping, model choice).
+    pub validation_fraction: f64,
+    /// The label database [default: `<run>/labels.db`, created from the training label file].
+    pub db: Option<PathBuf>,
+}
+
+impl Default for LabelPlan {
+    fn default() -> Self {
+        Self {
+            budget: 2000,
+            initial: 200,
+            per_round: 200,
+            cold_start: ColdStart::Kmeans,
+            strategy: Strategy::MarginKcenter,
+            candidate_factor: 10,
+            mc_samples: 10,
+            validation_fraction: 0.2,
+            db: None,
+        }
+    }
+}
+
+impl LabelPlan {
+    /// Labels bought in each round: `initial`, then `per_round` until the budget is spent.
+    pub fn round_sizes(&self) -> Vec<u64> {
+        let mut sizes = vec![self.initial.min(self.budget)];
+        let mut spent = sizes[0];
+        while spent < self.budget {
+            let k = self.per_round.min(self.budget - spent);
+            sizes.push(k);
+            spent += k;
+        }
+        sizes
+    }
+
+    /// `per_round` for `rounds` rounds after the initial batch.
+    pub fn per_round_for(&self, rounds: u64) -> u64 {
+        self.budget
+            .saturating_sub(self.initial)
+            .div_ceil(rounds.max(1))
+            .max(1)
+    }
+}
+
+/// The classifier on top of the encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadConfig {
+    pub freeze: Freeze,
+    /// Width of the hidden layer (its activations are the embedding k-center and the projector use).
+    pub hidden: usize,
+    /// Dropout before the output layer (also what MC dropout samples).
+    pub dropout: f64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            freeze: Freeze::Encoder,
+            hidden: 256,
+            dropout: 0.3,
+        }
+    }
+}
+
+/// The optimisation of each round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneTrain {
+    /// Most epochs per round (early stopping on the validation labels usually ends sooner).
+    pub max_epochs: u64,
+    /// Stop after this many epochs without a better validation accuracy.
+    pub patience: u64,
+    pub batch_size: usize,
+    /// Fewest optimizer steps per epoch (small label sets are passed over several times).
+    pub min_steps_per_epoch: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Augmented copies of each bought image (random shift and horizontal flip); 0: off.
+    pub augment_copies: usize,
+    /// Largest shift of the augmentation, in pixels.
+    pub augment_shift: usize,
+    /// Images per forward pass when scoring the pool and the test set.
+    pub eval_batch_size: usize,
+    /// Seed of every random choice: head weights, data order, dropout, acquisition ties.
+    pub seed: u64,
+    /// CPU threads for the tensor kernels (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for FinetuneTrain {
+    fn default() -> Self {
+        Self {
+            max_epochs: 60,
+            patience: 12,
+            batch_size: 64,
+            min_steps_per_epoch: 20,
+            learning_rate: 1e-3,
+            weight_decay: 1e-4,
+            augment_copies: 2,
+            augment_shift: 2,
+            eval_batch_size: 1024,
+            seed: 42,
+            threads: 0,
+        }
+    }
+}
+
+/// What goes to TensorBoard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneReport {
+    /// Images of each round's purchase shown in a grid (0: none).
+    pub bought_grid: usize,
+    /// Test images shown in the embedding projector at the end (0: none).
+    pub projector_samples: usize,
+}
+
+impl Default for FinetuneReport {
+    fn default() -> Self {
+        Self {
+            bought_grid: 64,
+            projector_samples: 2000,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid config {}: {}",
+                path.display(),
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        })
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).context("cannot serialise the config")
+    }
+
+    /// What must stay the same for `--resume` to continue a run rather than start another: the
+    /// label plan, the model and the seed.
+    pub fn plan(&self) -> serde_json::Value {
+        serde_json::json!({
+            "encoder": self.encoder,
+            "pool_limit": self.data.limit,
+            "labels": {
+                "budget": self.labels.budget,
+                "initial": self.labels.initial,
+                "per_round": self.labels.per_round,
+                "cold_start": self.labels.cold_start,
+                "strategy": self.labels.strategy,
+                "candidate_factor": self.labels.candidate_factor,
+                "mc_samples": self.labels.mc_samples,
+                "validation_fraction": self.labels.validation_fraction,
+            },
+            "model": self.model,
+            "seed": self.train.seed,
+        })
+    }
+
+    /// Checks values that would otherwise fail deep inside a run. `pool` is the pool size when
+    /// known.
+    pub fn validate(&self, pool: Option<u64>) -> Result<()> {
+        let l = &self.labels;
+        if l.budget == 0 {
+            bail!("--labels must be at least 1");
+        }
+        if l.initial == 0 {
+            bail!("--initial must be at least 1");
+        }
+        if l.initial > l.budget {
+            bail!(
+                "the label budget ({}) is smaller than the first batch (--initial {}): \
+                 lower --initial or raise --labels",
+                l.budget,
+                l.initial
+            );
+        }
+        if l.per_round == 0 {
+            bail!("--per-round must be at least 1");
+        }
+        if let Some(pool) = pool {
+            if l.budget > pool {
+                bail!(
+                    "the label budget ({}) is larger than the pool ({pool} training images): \
+                     lower --labels",
+                    l.budget
+                );
+            }
+        }
+        if !(0.0..0.9).contains(&l.validation_fraction) {
+            bail!(
+                "labels.validation_fraction must be in [0, 0.9), got {}",
+                l.validation_fraction
+            );
+        }
+        if l.strategy.needs_mc_samples() && l.mc_samples < 2 {
+            bail!("--mc-samples must be at least 2 for bald");
+        }
+        if l.candidate_factor == 0 {
+            bail!("labels.candidate_factor must be at least 1");
+        }
+        let t = &self.train;
+        if t.max_epochs == 0
+            || t.batch_size == 0
+            || t.eval_batch_size == 0
+            || t.min_steps_per_epoch == 0
+        {
+            bail!("train.max_epochs, train.batch_size, train.min_steps_per_epoch and train.eval_batch_size must be at least 1");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            bail!("train.learning_rate must be a positive number");
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            bail!("train.weight_decay must be >= 0");
+        }
+        if t.augment_shift > 8 {
+            bail!("train.augment_shift must be at most 8 pixels");
+        }
+        if self.model.hidden == 0 || !(0.0..1.0).contains(&self.model.dropout) {
+            bail!("model.hidden must be positive and model.dropout in [0, 1)");
+        }
+        if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
+            bail!("data.limit and data.test_limit must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_spend_the_budget_exactly() {
+        let plan = LabelPlan {
+            budget: 1000,
+            initial: 150,
+            per_round: 200,
+            ..LabelPlan::default()
+        };
+        let sizes = plan.round_sizes();
+        assert_eq!(sizes, vec![150, 200, 200, 200, 200, 50]);
+        assert_eq!(sizes.iter().sum::<u64>(), 1000);
+        assert_eq!(plan.per_round_for(4), 213);
+    }
+
+    #[test]
+    fn impossible_budgets_are_refused() {
+        let mut cfg = FinetuneConfig::default();
+        cfg.labels.budget = 100;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("smaller than the first batch"), "{err}");
+        cfg.labels.budget = 5000;
+        let err = cfg.validate(Some(1000)).unwrap_err().to_string();
+        assert!(err.contains("larger than the pool"), "{err}");
+        cfg.validate(Some(60_000)).unwrap();
+    }
+}

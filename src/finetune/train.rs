@@ -1,0 +1,418 @@
+//! One round of training on the bought labels (early stopping on the validation slice), and
+//! scoring of image sets with the trained classifier.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::AutodiffBackend;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use super::config::FinetuneConfig;
+use crate::data::augment::shift_flip;
+use crate::data::batch::{images_tensor, rng_for, stream};
+use crate::data::{FashionMnist, IMAGE_SIDE};
+use crate::models::{host_values, Classifier, ClassifierInput, ConvEncoder};
+
+/// Which image set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Set {
+    Pool,
+    Test,
+}
+
+/// Where the classifier's inputs come from: encoder features computed once (frozen encoder), or
+/// the images (the encoder trains). Bought images also have `augment_copies` fixed augmented
+/// copies each (copy 0 is the image itself); an epoch shows every image once, as one of its copies.
+pub struct Inputs<'a> {
+    pub pool: &'a FashionMnist,
+    pub test: &'a FashionMnist,
+    /// `Some((pool, test, dim))`: row-major features of a frozen encoder.
+    pub features: Option<(Vec<f32>, Vec<f32>, usize)>,
+    /// Features of the augmented copies of bought images, by item (frozen encoder only).
+    aug_features: HashMap<usize, Vec<f32>>,
+    copies: usize,
+    shift: usize,
+    seed: u64,
+}
+
+impl<'a> Inputs<'a> {
+    pub fn new(
+        pool: &'a FashionMnist,
+        test: &'a FashionMnist,
+        features: Option<(Vec<f32>, Vec<f32>, usize)>,
+        cfg: &FinetuneConfig,
+    ) -> Self {
+        Self {
+            pool,
+            test,
+            features,
+            aug_features: HashMap::new(),
+            copies: cfg.train.augment_copies,
+            shift: cfg.train.augment_shift,
+            seed: cfg.train.seed,
+        }
+    }
+
+    fn images(&self, set: Set) -> &FashionMnist {
+        match set {
+            Set::Pool => self.pool,
+            Set::Test => self.test,
+        }
+    }
+
+    /// Augmented copy `copy` (1-based) of pool image `item`: the same pixels in every round and
+    /// after a resume.
+    fn augmented(&self, item: usize, copy: usize) -> Vec<f32> {
+        let mut rng = rng_for(self.seed, stream::AUGMENT, (item * 64 + copy) as u64);
+        shift_flip(self.pool.image(item), self.shift, &mut rng)
+    }
+
+    /// With a frozen encoder, computes the features of the augmented copies of `items` that are
+    /// not cached yet.
+    pub fn prepare_augmented<B: Backend>(
+        &mut self,
+        encoder: Option<&ConvEncoder<B>>,
+        items: &[usize],
+        device: &B::Device,
+    ) -> Result<()> {
+        let (Some(encoder), Some((_, _, dim))) = (encoder, &self.features) else {
+            return Ok(());
+        };
+        let dim = *dim;
+        let todo: Vec<usize> = items
+            .iter()
+            .copied()
+            .filter(|i| !self.aug_features.contains_key(i))
+            .collect();
+        if self.copies == 0 || todo.is_empty() {
+            return Ok(());
+        }
+        let px = IMAGE_SIDE * IMAGE_SIDE;
+        for chunk in todo.chunks(256) {
+            let mut values = Vec::with_capacity(chunk.len() * self.copies * px);
+            for &item in chunk {
+                for copy in 1..=self.copies {
+                    values.extend(self.augmented(item, copy));
+                }
+            }
+            let n = chunk.len() * self.copies;
+            let x = Tensor::<B, 4>::from_data(
+                TensorData::new(values, [n, 1, IMAGE_SIDE, IMAGE_SIDE]),
+                device,
+            );
+            let f = host_values(encoder.forward(x))?;
+            for (k, &item) in chunk.iter().enumerate() {
+                let per = self.copies * dim;
+                self.aug_features
+                    .insert(item, f[k * per..(k + 1) * per].to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// The classifier input for `rows` of `set`: `(item, copy)` pairs, copy 0 the original.
+    pub fn batch<B: Backend>(
+        &self,
+        set: Set,
+        rows: &[(usize, usize)],
+        device: &B::Device,
+    ) -> Result<ClassifierInput<B>> {
+        match &self.features {
+            Some((pool, test, dim)) => {
+                let dim = *dim;
+                let source = if set == Set::Pool { pool } else { test };
+                let mut values = Vec::with_capacity(rows.len() * dim);
+                for &(item, copy) in rows {
+                    if copy == 0 {
+                        values.extend_from_slice(&source[item * dim..(item + 1) * dim]);
+                    } else {
+                        let Some(aug) = self.aug_features.get(&item) else {
+                            bail!("internal: augmented features of item {item} not prepared");
+                        };
+                        values.extend_from_slice(&aug[(copy - 1) * dim..copy * dim]);
+                    }
+                }
+                Ok(ClassifierInput::Features(Tensor::from_data(
+                    TensorData::new(values, [rows.len(), dim]),
+                    device,
+                )))
+            }
+            None => {
+                if rows.iter().all(|&(_, c)| c == 0) {
+                    let idx: Vec<usize> = rows.iter().map(|&(i, _)| i).collect();
+                    return Ok(ClassifierInput::Images(images_tensor(
+                        self.images(set),
+                        &idx,
+                        device,
+                    )));
+                }
+                let px = IMAGE_SIDE * IMAGE_SIDE;
+                let mut values = Vec::with_capacity(rows.len() * px);
+                for &(item, copy) in rows {
+                    if copy == 0 {
+                        values.extend(self.images(set).image_f32(item));
+                    } else {
+                        values.extend(self.augmented(item, copy));
+                    }
+                }
+                Ok(ClassifierInput::Images(Tensor::from_data(
+                    TensorData::new(values, [rows.len(), 1, IMAGE_SIDE, IMAGE_SIDE]),
+                    device,
+                )))
+            }
+        }
+    }
+}
+
+/// How a round's training went.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RoundTraining {
+    /// Epochs run (early stopping included).
+    pub epochs: u64,
+    /// The epoch whose weights were kept (best validation accuracy, then loss).
+    pub best_epoch: u64,
+    pub validation_accuracy: f64,
+    pub validation_loss: f64,
+    /// Mean training loss of the kept epoch.
+    pub train_loss: f64,
+}
+
+/// Dropout keep-mask `[rows, width]` with entries 0 or `1 / (1 - p)`, drawn from `rng`.
+fn keep_mask<B: Backend>(
+    rows: usize,
+    width: usize,
+    p: f64,
+    rng: &mut impl Rng,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let values: Vec<f32> = (0..rows * width)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, width]), device)
+}
+
+fn targets<B: Backend>(labels: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
+    let values: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    Tensor::from_data(TensorData::new(values, [labels.len()]), device)
+}
+
+/// Trains `model` on `train` (pairs of pool item and label) for round `round`, keeping the epoch
+/// with the best accuracy on `val` (ties: lower loss); stops after `patience` epochs without
+/// improvement. Without validation labels it trains `max_epochs` and keeps the last.
+pub fn train_round<B: AutodiffBackend>(
+    mut model: Classifier<B>,
+    train: &[(usize, u8)],
+    val: &[(usize, u8)],
+    inputs: &Inputs,
+    cfg: &FinetuneConfig,
+    round: u32,
+    device: &B::Device,
+) -> Result<(Classifier<B>, RoundTraining)> {
+    let t = &cfg.train;
+    let seed = t.seed;
+    let mut optim = AdamConfig::new()
+        .with_weight_decay(Some(WeightDecayConfig::new(t.weight_decay as f32)))
+        .init::<B, Classifier<B>>();
+    let ce = CrossEntropyLossConfig::new().init(device);
+    let mut best: Option<(Classifier<B>, RoundTraining)> = None;
+    let mut since_best = 0;
+    let mut step: u64 = 0;
+    for epoch in 1..=t.max_epochs {
+        let mut rng = rng_for(seed, stream::FINETUNE_ORDER, ((round as u64) << 20) + epoch);
+        // An epoch is one pass, or several when that is fewer than `min_steps_per_epoch` steps:
+        // with a few dozen labels a pass is one or two steps, too few between two validations.
+        let steps = train
+            .len()
+            .div_ceil(t.batch_size)
+            .max(t.min_steps_per_epoch);
+        let single_pass = steps == train.len().div_ceil(t.batch_size);
+        let mut rows: Vec<(usize, usize, u8)> = Vec::new();
+        while rows.len() < train.len() || (!single_pass && rows.len() < steps * t.batch_size) {
+            let mut order: Vec<(usize, u8)> = train.to_vec();
+            order.shuffle(&mut rng);
+            rows.extend(
+                order
+                    .iter()
+                    .map(|&(i, l)| (i, rng.random_range(0..=t.augment_copies), l)),
+            );
+        }
+        if !single_pass {
+            rows.truncate(steps * t.batch_size);
+        }
+        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+        for chunk in rows.chunks(t.batch_size) {
+            let pairs: Vec<(usize, usize)> = chunk.iter().map(|&(i, c, _)| (i, c)).collect();
+            let labels: Vec<u8> = chunk.iter().map(|&(_, _, l)| l).collect();
+            let input = inputs.batch::<B>(Set::Pool, &pairs, device)?;
+            let mut mask_rng = rng_for(seed, stream::DROPOUT, ((round as u64) << 32) + step);
+            let mask = keep_mask::<B>(
+                chunk.len(),
+                cfg.model.hidden,
+                cfg.model.dropout,
+                &mut mask_rng,
+                device,
+            );
+            let logits = model.forward(input, Some(mask));
+            let loss = ce.forward(logits, targets::<B>(&labels, device));
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(t.learning_rate, model, grads);
+            let loss: f64 = host_values(loss)?.first().copied().unwrap_or(f32::NAN) as f64;
+            if !loss.is_finite() {
+                bail!(
+                    "the training loss became {loss} in round {round}, epoch {epoch}: try a lower \
+                     train.learning_rate"
+                );
+            }
+            loss_sum += loss * chunk.len() as f64;
+            seen += chunk.len();
+            step += 1;
+        }
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let report = if val.is_empty() {
+            RoundTraining {
+                epochs: epoch,
+                best_epoch: epoch,
+                validation_accuracy: f64::NAN,
+                validation_loss: f64::NAN,
+                train_loss,
+            }
+        } else {
+            let items: Vec<usize> = val.iter().map(|&(i, _)| i).collect();
+            let scores = score(
+                &model.valid(),
+                inputs,
+                Set::Pool,
+                &items,
+                cfg,
+                false,
+                0,
+                device,
+            )?;
+            let (acc, loss) = accuracy_and_loss(&scores.probs, val.iter().map(|&(_, l)| l));
+            RoundTraining {
+                epochs: epoch,
+                best_epoch: epoch,
+                validation_accuracy: acc,
+                validation_loss: loss,
+                train_loss,
+            }
+        };
+        let better = match &best {
+            None => true,
+            Some((_, b)) if val.is_empty() => report.epochs > b.epochs,
+            Some((_, b)) => {
+                report.validation_accuracy > b.validation_accuracy
+                    || (report.validation_accuracy == b.validation_accuracy
+                        && report.validation_loss < b.validation_loss)
+            }
+        };
+        if better {
+            best = Some((model.clone(), report));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= t.patience {
+                break;
+            }
+        }
+        if let Some((_, b)) = &mut best {
+            b.epochs = epoch;
+        }
+    }
+    best.ok_or_else(|| anyhow::anyhow!("no training epoch ran"))
+}
+
+/// Accuracy and mean cross-entropy of `probs` (`n * classes`) against `labels`.
+pub fn accuracy_and_loss(probs: &[f32], labels: impl Iterator<Item = u8>) -> (f64, f64) {
+    let classes = crate::data::CLASS_NAMES.len();
+    let (mut correct, mut loss, mut n) = (0usize, 0.0f64, 0usize);
+    for (row, label) in probs.chunks(classes).zip(labels) {
+        if argmax(row) == label as usize {
+            correct += 1;
+        }
+        loss -= (row[label as usize].max(1e-12) as f64).ln();
+        n += 1;
+    }
+    (correct as f64 / n.max(1) as f64, loss / n.max(1) as f64)
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The classifier's view of a set of images.
+#[derive(Debug, Default)]
+pub struct Scores {
+    /// Class probabilities without dropout, `n * classes`.
+    pub probs: Vec<f32>,
+    /// Hidden-layer embeddings, `n * hidden` (when asked for).
+    pub embeddings: Vec<f32>,
+    /// MC-dropout class probabilities, `samples * n * classes`, sample-major (when asked for).
+    pub mc_probs: Vec<f32>,
+}
+
+/// Scores `items` of `set` in batches of `eval_batch_size`: probabilities, with `embeddings` the
+/// hidden-layer embeddings, and `mc` MC-dropout samples (for BALD), their masks drawn from the
+/// seed.
+#[allow(clippy::too_many_arguments)]
+pub fn score<B: Backend>(
+    model: &Classifier<B>,
+    inputs: &Inputs,
+    set: Set,
+    items: &[usize],
+    cfg: &FinetuneConfig,
+    embeddings: bool,
+    mc: usize,
+    device: &B::Device,
+) -> Result<Scores> {
+    let classes = crate::data::CLASS_NAMES.len();
+    let mut out = Scores::default();
+    let mut mc_chunks: Vec<Vec<f32>> = vec![Vec::new(); mc];
+    for (c, chunk) in items.chunks(cfg.train.eval_batch_size).enumerate() {
+        let rows: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();
+        let emb = model.embed(inputs.batch::<B>(set, &rows, device)?);
+        out.probs
+            .extend(host_values(softmax(model.logits(emb.clone(), None), 1))?);
+        for (s, dst) in mc_chunks.iter_mut().enumerate() {
+            let mut rng = rng_for(
+                cfg.train.seed,
+                stream::DROPOUT,
+                (1u64 << 63) + ((c as u64) << 16) + s as u64,
+            );
+            let mask = keep_mask::<B>(
+                chunk.len(),
+                cfg.model.hidden,
+                cfg.model.dropout,
+                &mut rng,
+                device,
+            );
+            dst.extend(host_values(softmax(
+                model.logits(emb.clone(), Some(mask)),
+                1,
+            ))?);
+        }
+        if embeddings {
+            out.embeddings.extend(host_values(emb)?);
+        }
+    }
+    for chunk in mc_chunks {
+        out.mc_probs.extend(chunk);
+    }
+    debug_assert_eq!(out.probs.len(), items.len() * classes);
+    Ok(out)
+}

@@ -1,0 +1,197 @@
+//! `frugal finetune` end to end on real Fashion-MNIST slices: the ledger, the reports, resume
+//! after kills at random moments.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use frugal::data::idx;
+use frugal::labels::LabelDb;
+
+/// A data dir (600 training images with labels, 300 test images) and a pretrained smoke encoder.
+fn setup(root: &Path) -> (PathBuf, PathBuf) {
+    let data = sliced_data_dir_with_labels(&root.join("data"), 600, 300);
+    let out = run(&mut smoke(root, &data, "enc"));
+    assert!(out.status.success(), "pretraining failed: {}", stderr(&out));
+    (data, root.join("enc"))
+}
+
+/// `(item, round)` of every bought label, in purchase order, straight from the database.
+fn ledger(db: &Path) -> Vec<(u64, u32)> {
+    LabelDb::open(db)
+        .unwrap()
+        .bought()
+        .unwrap()
+        .iter()
+        .map(|b| (b.item, b.round))
+        .collect()
+}
+
+#[test]
+fn finetune_reports_what_the_ledger_and_predictions_say() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc) = setup(root);
+    let out = run(&mut smoke_finetune(root, &data, &enc, "ft"));
+    assert!(out.status.success(), "finetune failed: {}", stderr(&out));
+    let run_dir = root.join("ft");
+    let s = summary(&run_dir);
+
+    // The ledger: exactly the budget, distinct items, rounds 0..4 of 15 each.
+    let db = run_dir.join("labels.db");
+    let rows = ledger(&db);
+    assert_eq!(rows.len(), 60);
+    let mut items: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    items.sort();
+    items.dedup();
+    assert_eq!(items.len(), 60, "an item was bought twice");
+    for round in 0..4 {
+        assert_eq!(rows.iter().filter(|r| r.1 == round).count(), 15);
+    }
+    assert_eq!(s["labels_bought"], 60);
+    assert_eq!(LabelDb::open(&db).unwrap().spent().unwrap(), 60);
+
+    // Accuracy recomputed from predictions.csv against the raw test label file.
+    let labels = idx::read_labels(&data.join("t10k-labels-idx1-ubyte.gz"), 10).unwrap();
+    let text = std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("test_index,predicted,confidence"));
+    let (mut n, mut correct) = (0, 0);
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let (i, p): (usize, u8) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        let conf: f64 = f[2].parse().unwrap();
+        assert!((0.1..=1.0).contains(&conf), "confidence {conf}");
+        n += 1;
+        correct += (labels[i] == p) as usize;
+    }
+    assert_eq!(n, 300);
+    let acc = correct as f64 / n as f64;
+    assert!((acc - s["test_accuracy"].as_f64().unwrap()).abs() < 1e-12);
+    // 60 labels on a two-epoch encoder: above chance (10%; a collapsed head scores about that).
+    assert!(acc > 0.2, "test accuracy {acc}");
+    let per_class = s["per_class_accuracy"].as_object().unwrap();
+    assert_eq!(per_class.len(), 10);
+    let cm: Vec<Vec<u64>> = serde_json::from_value(s["confusion_matrix"].clone()).unwrap();
+    assert_eq!(cm.iter().flatten().sum::<u64>(), 300);
+
+    // One metrics row per trained round, the labels column growing by 15.
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let spent: Vec<u64> = metrics
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(spent, vec![15, 30, 45, 60]);
+
+    // `frugal labels status` reads the same database.
+    let out = run(frugal().args(["labels", "status", "--label-db"]).arg(&db));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("60"), "{text}");
+}
+
+#[test]
+fn killed_at_random_moments_resumes_without_buying_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc) = setup(root);
+
+    let t0 = Instant::now();
+    let out = run(&mut smoke_finetune(root, &data, &enc, "straight"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let full_ms = t0.elapsed().as_millis() as u64;
+    let straight = ledger(&root.join("straight/labels.db"));
+
+    // Kill at pseudo-random moments (seeded by the clock, printed for a re-run), resume each time.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    println!("kill schedule seed: {seed}");
+    let mut x = seed | 1;
+    let mut next_delay = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Anywhere from startup to the end of a whole run.
+        Duration::from_millis(full_ms / 20 + x % (full_ms * 2 / 3).max(1))
+    };
+    let db = root.join("killed/labels.db");
+    let mut kills = 0;
+    let mut first = true;
+    for _ in 0..40 {
+        let mut cmd = smoke_finetune(root, &data, &enc, "killed");
+        if !first {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + next_delay();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        match status {
+            Some(status) => {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                if first && !db.exists() {
+                    panic!("first run ended before creating its database: {err}");
+                }
+                assert!(status.success(), "run failed after {kills} kills: {err}");
+                break;
+            }
+            None => {
+                kills += 1;
+                // Started at all? (A kill before the config was written leaves nothing to resume.)
+                if first && !root.join("killed/config.toml").exists() {
+                    std::fs::remove_dir_all(root.join("killed")).ok();
+                    continue;
+                }
+                first = false;
+                if db.exists() {
+                    if let Ok(rows) = LabelDb::open(&db).and_then(|d| d.bought()) {
+                        let mut items: Vec<u64> = rows.iter().map(|b| b.item).collect();
+                        items.sort();
+                        items.dedup();
+                        assert_eq!(items.len(), rows.len(), "an item was bought twice");
+                        assert!(rows.len() <= 60);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        kills >= 2,
+        "only {kills} kills happened: the schedule is too slow"
+    );
+    assert!(summary(&root.join("killed"))["labels_bought"] == 60);
+    assert_eq!(
+        ledger(&db),
+        straight,
+        "the killed and resumed run bought other labels than the uninterrupted one"
+    );
+    assert_eq!(
+        summary(&root.join("killed"))["test_accuracy"],
+        summary(&root.join("straight"))["test_accuracy"]
+    );
+}
