@@ -231,3 +231,84 @@ fn bad_flags_and_pipelines() {
         );
     }
 }
+
+/// `frugal finetune` refuses impossible budgets, missing or foreign encoders and label databases
+/// that are not ours or belong to another pool, before buying anything.
+#[test]
+fn finetune_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = sliced_data_dir_with_labels(&root.join("data"), 600, 100);
+    let out = run(&mut smoke(root, &data, "enc"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let enc = root.join("enc");
+    let ft = |run_name: &str| smoke_finetune(root, &data, &enc, run_name);
+
+    fails_with(
+        ft("a").args(["--labels", "10", "--initial", "15"]),
+        &["budget (10)", "smaller than the first batch"],
+    );
+    fails_with(
+        ft("b").args(["--labels", "700"]),
+        &["budget (700)", "larger than the pool (600"],
+    );
+    fails_with(
+        &mut smoke_finetune(root, &data, &root.join("nope"), "c"),
+        &["nope", "does not exist", "ssl-pretrain"],
+    );
+
+    // A finished finetune run is not an encoder.
+    let out = run(&mut ft("done"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fails_with(
+        &mut smoke_finetune(root, &data, &root.join("done"), "d"),
+        &["finetune checkpoint", "not a pretrained encoder"],
+    );
+
+    // Not SQLite at all; SQLite but not ours.
+    let junk = root.join("junk.db");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    fails_with(
+        ft("e").arg("--label-db").arg(&junk),
+        &["junk.db", "not a"],
+    );
+    // Labels of another pool: imported for the first 100 images, used with a pool of 600.
+    let other = root.join("other.db");
+    let out = run(frugal()
+        .args(["labels", "import", "--label-db"])
+        .arg(&other)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--limit", "100"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fails_with(
+        ft("f").arg("--label-db").arg(&other),
+        &["other.db", "holds labels of", "(100 items", "(600 items"],
+    );
+    assert_eq!(frugal::labels::LabelDb::open(&other).unwrap().spent().unwrap(), 0);
+
+    // The encoder run replaced, under a run that resumes, by one of another architecture.
+    let out = run(&mut ft("g"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&enc).unwrap();
+    let wider = root.join("wider.toml");
+    std::fs::write(
+        &wider,
+        std::fs::read_to_string(smoke_pipeline())
+            .unwrap()
+            .replace("channels = [8, 16, 16]", "channels = [8, 16, 24]"),
+    )
+    .unwrap();
+    let mut cmd = smoke(root, &data, "enc");
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut cmd = frugal();
+    for a in &args {
+        cmd.arg(if a == smoke_pipeline().as_os_str() { wider.as_os_str() } else { a });
+    }
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fails_with(
+        ft("g").arg("--resume"),
+        &["checkpoint.bin", "holds", "[8,16,16]", "[8,16,24]"],
+    );
+}

@@ -195,3 +195,61 @@ fn tensorboard_drops_steps_lost_to_a_kill() {
     assert_eq!(steps("reconstructions", "images"), [0, 16, 32]);
     assert_eq!(csv_column(&run_dir, "loss").len(), 32);
 }
+
+/// A finetune run: per-round scalars at the labels spent (equal to metrics.csv), the bought-image
+/// grids, the class histogram, the confusion matrix and the projector of the fine-tuned embeddings.
+#[test]
+fn tensorboard_reads_a_finetune_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = sliced_data_dir_with_labels(&root.join("data"), 600, 100);
+    let out = run(&mut smoke(root, &data, "enc"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&mut smoke_finetune(root, &data, &root.join("enc"), "ft"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_dir = root.join("ft");
+    let tb = tensorboard_view(&run_dir);
+
+    let steps = |tag: &str| -> Vec<(u64, f32)> {
+        tb["scalars"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no scalar {tag}"))
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap() as f32))
+            .collect()
+    };
+    let expected: Vec<u64> = vec![15, 30, 45, 60];
+    for (tag, column) in [
+        ("accuracy/test", "test_accuracy"),
+        ("accuracy/validation", "validation_accuracy"),
+        ("loss/validation", "validation_loss"),
+    ] {
+        let got = steps(tag);
+        assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), expected, "{tag}");
+        for ((_, v), (_, c)) in got.iter().zip(csv_column(&run_dir, column)) {
+            assert!((v - c).abs() < 1e-4, "{tag}: {v} vs metrics.csv {c}");
+        }
+    }
+    assert_eq!(
+        steps("labels/spent"),
+        expected.iter().map(|&s| (s, s as f32)).collect::<Vec<_>>()
+    );
+
+    // One grid per purchase (its 15 images in a row, 28 px tiles, 2 px gaps), after each purchase.
+    let grids = tb["images"]["labels/bought_images"].as_array().unwrap();
+    assert_eq!(grids.len(), 4);
+    assert_eq!(grids[0][0], 15);
+    assert_eq!(grids[0][3], serde_json::json!([15 * 30 + 2, 32]));
+    let cm = tb["images"]["test/confusion_matrix"].as_array().unwrap();
+    assert_eq!(cm.len(), 1);
+    assert_eq!(cm[0][0], 60);
+    assert_eq!(cm[0][3], serde_json::json!([240, 240]));
+    let h = tb["histograms"]["labels/classes"].as_array().unwrap();
+    assert_eq!(h.len(), 4);
+    assert_eq!(h[3][1], 60.0, "the class histogram counts every bought label");
+
+    let p = &tb["projectors"]["finetuned_embedding"];
+    assert_eq!(p["tensor_shape"], serde_json::json!([50, 32]));
+    assert_eq!(p["tensors_loaded"], serde_json::json!([50, 32]));
+    assert_eq!(p["metadata_rows"], 50);
+}

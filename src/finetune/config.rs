@@ -162,6 +162,9 @@ pub struct HeadConfig {
     pub hidden: usize,
     /// Dropout before the output layer (also what MC dropout samples).
     pub dropout: f64,
+    /// With a frozen encoder: scale each feature to zero mean and unit variance over the pool
+    /// (label-free statistics).
+    pub standardize: bool,
 }
 
 impl Default for HeadConfig {
@@ -170,6 +173,7 @@ impl Default for HeadConfig {
             freeze: Freeze::Encoder,
             hidden: 256,
             dropout: 0.3,
+            standardize: true,
         }
     }
 }

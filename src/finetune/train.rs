@@ -37,6 +37,9 @@ pub struct Inputs<'a> {
     pub features: Option<(Vec<f32>, Vec<f32>, usize)>,
     /// Features of the augmented copies of bought images, by item (frozen encoder only).
     aug_features: HashMap<usize, Vec<f32>>,
+    /// Per-dimension mean and 1/std of the pool's features (label-free), applied to every
+    /// feature row when `model.standardize` is on.
+    scaling: Option<(Vec<f32>, Vec<f32>)>,
     copies: usize,
     shift: usize,
     seed: u64,
@@ -49,10 +52,19 @@ impl<'a> Inputs<'a> {
         features: Option<(Vec<f32>, Vec<f32>, usize)>,
         cfg: &FinetuneConfig,
     ) -> Self {
+        let mut features = features;
+        let mut scaling = None;
+        if let (Some((pool_f, test_f, dim)), true) = (&mut features, cfg.model.standardize) {
+            let s = feature_scaling(pool_f, *dim);
+            apply_scaling(pool_f, &s);
+            apply_scaling(test_f, &s);
+            scaling = Some(s);
+        }
         Self {
             pool,
             test,
             features,
+            scaling,
             aug_features: HashMap::new(),
             copies: cfg.train.augment_copies,
             shift: cfg.train.augment_shift,
@@ -107,7 +119,10 @@ impl<'a> Inputs<'a> {
                 TensorData::new(values, [n, 1, IMAGE_SIDE, IMAGE_SIDE]),
                 device,
             );
-            let f = host_values(encoder.forward(x))?;
+            let mut f = host_values(encoder.forward(x))?;
+            if let Some(s) = &self.scaling {
+                apply_scaling(&mut f, s);
+            }
             for (k, &item) in chunk.iter().enumerate() {
                 let per = self.copies * dim;
                 self.aug_features
@@ -167,6 +182,39 @@ impl<'a> Inputs<'a> {
                     device,
                 )))
             }
+        }
+    }
+}
+
+/// Mean and reciprocal standard deviation of each of the `dim` columns of `rows`.
+fn feature_scaling(rows: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (rows.len() / dim).max(1) as f64;
+    let mut sum = vec![0f64; dim];
+    let mut sq = vec![0f64; dim];
+    for row in rows.chunks(dim) {
+        for (j, &v) in row.iter().enumerate() {
+            sum[j] += v as f64;
+            sq[j] += (v as f64) * (v as f64);
+        }
+    }
+    let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+    let inv_std = sum
+        .iter()
+        .zip(&sq)
+        .map(|(s, q)| {
+            let var = (q / n - (s / n) * (s / n)).max(0.0);
+            // Dead units (always 0 after ReLU) stay 0 instead of dividing by zero.
+            (1.0 / (var.sqrt() + 1e-3)) as f32
+        })
+        .collect();
+    (mean, inv_std)
+}
+
+fn apply_scaling(rows: &mut [f32], (mean, inv_std): &(Vec<f32>, Vec<f32>)) {
+    let dim = mean.len();
+    for row in rows.chunks_mut(dim) {
+        for ((v, m), s) in row.iter_mut().zip(mean).zip(inv_std) {
+            *v = (*v - m) * s;
         }
     }
 }

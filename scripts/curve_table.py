@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Collects the label-curve runs (<out>/<strategy>-s<seed>/metrics.csv, summary.json) into
+curve.csv (one row per run and budget), curve.md (mean, spread over seeds) and, with --plot,
+curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds)."""
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--budgets", nargs="+", type=int, required=True)
+p.add_argument("--strategies", nargs="+", required=True)
+p.add_argument("--seeds", nargs="+", type=int, required=True)
+p.add_argument("--plot", action="store_true")
+a = p.parse_args()
+out = Path(a.out)
+
+rows = []
+for strategy in a.strategies:
+    for seed in a.seeds:
+        run = out / f"{strategy}-s{seed}"
+        summary = json.loads((run / "summary.json").read_text())
+        with open(run / "metrics.csv") as f:
+            metrics = {int(r["labels"]): r for r in csv.DictReader(f)}
+        for b in a.budgets:
+            if b not in metrics:
+                sys.exit(f"error: {run}/metrics.csv has no round at {b} labels: pick budgets on "
+                         f"the round schedule (--initial + k * --per-round)")
+            r = metrics[b]
+            rows.append({
+                "strategy": strategy, "seed": seed, "labels": b,
+                "test_accuracy": float(r["test_accuracy"]),
+                "validation_accuracy": float(r["validation_accuracy"]),
+                "run_seconds": round(summary["seconds"], 1),
+            })
+        # Every round of the run, for the plot.
+        for b, r in sorted(metrics.items()):
+            if b not in a.budgets:
+                rows.append({"strategy": strategy, "seed": seed, "labels": b,
+                             "test_accuracy": float(r["test_accuracy"]),
+                             "validation_accuracy": float(r["validation_accuracy"]),
+                             "run_seconds": round(summary["seconds"], 1), "_plot_only": True})
+
+table = [r for r in rows if not r.get("_plot_only")]
+with open(out / "curve.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["strategy", "seed", "labels", "test_accuracy",
+                                      "validation_accuracy", "run_seconds"])
+    w.writeheader()
+    w.writerows(table)
+
+def cell(values):
+    m = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100*m:.2f} ± {100*sd:.2f} ({100*min(values):.2f}–{100*max(values):.2f})"
+
+lines = ["| strategy | " + " | ".join(f"{b} labels" for b in a.budgets) + " |",
+         "|---|" + "---|" * len(a.budgets)]
+for strategy in a.strategies:
+    cells = []
+    for b in a.budgets:
+        v = [r["test_accuracy"] for r in table if r["strategy"] == strategy and r["labels"] == b]
+        cells.append(cell(v))
+    lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+lines.append("")
+lines.append(f"Test accuracy in %: mean ± standard deviation (min–max) over seeds {a.seeds}.")
+(out / "curve.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+if a.plot:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in a.strategies:
+        xs = sorted({r["labels"] for r in rows if r["strategy"] == strategy})
+        acc = [[r["test_accuracy"] * 100 for r in rows
+                if r["strategy"] == strategy and r["labels"] == x] for x in xs]
+        mean = [statistics.mean(v) for v in acc]
+        ax.plot(xs, mean, marker="o", label=strategy)
+        ax.fill_between(xs, [min(v) for v in acc], [max(v) for v in acc], alpha=0.2)
+    ax.set_xlabel("labels bought")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Fashion-MNIST, frugal finetune (mean, min–max over {len(a.seeds)} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    print(f"wrote {out / 'curve.png'}")
