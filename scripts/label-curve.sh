@@ -34,7 +34,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-bin=target/release/frugal
+# FRUGAL_BIN: a copy of the binary, so that rebuilding during a long curve cannot mix versions.
+bin=${FRUGAL_BIN:-target/release/frugal}
 [ -x "$bin" ] || cargo build --release
 max=$(printf '%s\n' $budgets | sort -n | tail -1)
 mkdir -p "$out"

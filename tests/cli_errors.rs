@@ -268,10 +268,7 @@ fn finetune_bad_input() {
     // Not SQLite at all; SQLite but not ours.
     let junk = root.join("junk.db");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();
-    fails_with(
-        ft("e").arg("--label-db").arg(&junk),
-        &["junk.db", "not a"],
-    );
+    fails_with(ft("e").arg("--label-db").arg(&junk), &["junk.db", "not a"]);
     // Labels of another pool: imported for the first 100 images, used with a pool of 600.
     let other = root.join("other.db");
     let out = run(frugal()
@@ -285,7 +282,13 @@ fn finetune_bad_input() {
         ft("f").arg("--label-db").arg(&other),
         &["other.db", "holds labels of", "(100 items", "(600 items"],
     );
-    assert_eq!(frugal::labels::LabelDb::open(&other).unwrap().spent().unwrap(), 0);
+    assert_eq!(
+        frugal::labels::LabelDb::open(&other)
+            .unwrap()
+            .spent()
+            .unwrap(),
+        0
+    );
 
     // The encoder run replaced, under a run that resumes, by one of another architecture.
     let out = run(&mut ft("g"));
@@ -299,11 +302,15 @@ fn finetune_bad_input() {
             .replace("channels = [8, 16, 16]", "channels = [8, 16, 24]"),
     )
     .unwrap();
-    let mut cmd = smoke(root, &data, "enc");
+    let cmd = smoke(root, &data, "enc");
     let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
     let mut cmd = frugal();
     for a in &args {
-        cmd.arg(if a == smoke_pipeline().as_os_str() { wider.as_os_str() } else { a });
+        cmd.arg(if a == smoke_pipeline().as_os_str() {
+            wider.as_os_str()
+        } else {
+            a
+        });
     }
     let out = run(&mut cmd);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -225,7 +225,11 @@ fn tensorboard_reads_a_finetune_run() {
         ("loss/validation", "validation_loss"),
     ] {
         let got = steps(tag);
-        assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), expected, "{tag}");
+        assert_eq!(
+            got.iter().map(|s| s.0).collect::<Vec<_>>(),
+            expected,
+            "{tag}"
+        );
         for ((_, v), (_, c)) in got.iter().zip(csv_column(&run_dir, column)) {
             assert!((v - c).abs() < 1e-4, "{tag}: {v} vs metrics.csv {c}");
         }
@@ -246,7 +250,10 @@ fn tensorboard_reads_a_finetune_run() {
     assert_eq!(cm[0][3], serde_json::json!([240, 240]));
     let h = tb["histograms"]["labels/classes"].as_array().unwrap();
     assert_eq!(h.len(), 4);
-    assert_eq!(h[3][1], 60.0, "the class histogram counts every bought label");
+    assert_eq!(
+        h[3][1], 60.0,
+        "the class histogram counts every bought label"
+    );
 
     let p = &tb["projectors"]["finetuned_embedding"];
     assert_eq!(p["tensor_shape"], serde_json::json!([50, 32]));

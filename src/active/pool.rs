@@ -119,3 +119,74 @@ impl Pool {
         (train, val)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bought(items: &[(u64, u32)]) -> Vec<BoughtLabel> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(k, &(item, round))| BoughtLabel {
+                seq: k as u64 + 1,
+                item,
+                label: (item % 10) as u8,
+                round,
+                strategy: "test".into(),
+                score: None,
+                bought_at: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ledger_gives_rounds_candidates_and_counts() {
+        let pool = Pool::from_ledger(10, bought(&[(3, 0), (5, 0), (7, 1)])).unwrap();
+        assert_eq!(pool.spent(), 3);
+        assert_eq!(pool.rounds(), 2);
+        assert_eq!(pool.labeled(), vec![3, 5, 7]);
+        assert_eq!(pool.candidates(), vec![0, 1, 2, 4, 6, 8, 9]);
+        assert_eq!(pool.bought_in(1).len(), 1);
+        assert_eq!(pool.class_counts(10)[5], 1);
+    }
+
+    #[test]
+    fn foreign_ledgers_are_refused() {
+        assert!(
+            Pool::from_ledger(4, bought(&[(9, 0)])).is_err(),
+            "item outside the pool"
+        );
+        assert!(
+            Pool::from_ledger(10, bought(&[(1, 1)])).is_err(),
+            "no round 0"
+        );
+        assert!(
+            Pool::from_ledger(10, bought(&[(1, 0), (2, 2)])).is_err(),
+            "a round skipped"
+        );
+        assert!(Pool::from_ledger(10, bought(&[(1, 0), (2, 1), (3, 0)])).is_err());
+    }
+
+    #[test]
+    fn validation_split_is_seeded_disjoint_and_mostly_stable() {
+        let items: Vec<(u64, u32)> = (0..200).map(|i| (i * 3, (i / 50) as u32)).collect();
+        let pool = Pool::from_ledger(600, bought(&items)).unwrap();
+        let (train, val) = pool.split(0.2, 1);
+        assert_eq!((train.len(), val.len()), (160, 40));
+        assert!(val.iter().all(|v| !train.contains(v)));
+        assert_eq!(pool.split(0.2, 1), (train.clone(), val.clone()));
+        assert_ne!(pool.split(0.2, 2).1, val, "another seed, another hold-out");
+        // Growing the ledger keeps most of the old validation items in validation.
+        let more: Vec<(u64, u32)> = (0..250).map(|i| (i * 2, (i / 50) as u32)).collect();
+        let bigger = Pool::from_ledger(600, bought(&more)).unwrap();
+        let (_, val2) = bigger.split(0.2, 1);
+        let common = val.iter().filter(|v| val2.contains(v)).count();
+        let shared = val.iter().filter(|(i, _)| i % 2 == 0).count();
+        assert!(common * 2 >= shared, "{common} of {shared}");
+        // Tiny sets still get one validation label, never all of them.
+        let tiny = Pool::from_ledger(10, bought(&[(1, 0), (2, 0)])).unwrap();
+        let (t, v) = tiny.split(0.2, 1);
+        assert_eq!((t.len(), v.len()), (1, 1));
+    }
+}

@@ -370,6 +370,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_pipelines_parse_and_the_main_one_is_the_default() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        for name in ["fashion-finetune.toml", "smoke-finetune.toml"] {
+            let cfg = FinetuneConfig::from_file(&dir.join(name)).unwrap();
+            cfg.validate(None).unwrap();
+            let back: FinetuneConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+            assert_eq!(back, cfg, "{name} survives a save/load");
+        }
+        let main = FinetuneConfig::from_file(&dir.join("fashion-finetune.toml")).unwrap();
+        assert_eq!(main, FinetuneConfig::default());
+    }
+
+    #[test]
     fn impossible_budgets_are_refused() {
         let mut cfg = FinetuneConfig::default();
         cfg.labels.budget = 100;

@@ -358,7 +358,6 @@ impl BackendJob for FinetuneJob {
             } else {
                 0
             };
-            let bar = images_bar(all.len() as u64, 0, "scoring");
             let scores = score(
                 &inner,
                 &inputs,
@@ -369,7 +368,6 @@ impl BackendJob for FinetuneJob {
                 mc,
                 &device,
             )?;
-            bar.finish_and_clear();
             let (candidates, labeled) = (pool.candidates(), pool.labeled());
             let view = PoolView {
                 classes,
@@ -616,6 +614,7 @@ fn encode_all<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<f32>> {
     let n = images.len();
+    let t0 = Instant::now();
     let bar = images_bar(n as u64, 0, what);
     let mut out = Vec::new();
     let idx: Vec<usize> = (0..n).collect();
@@ -626,6 +625,14 @@ fn encode_all<B: Backend>(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    log(
+        None,
+        &format!(
+            "{what}: {n} images encoded in {secs:.0} s ({:.0} img/s)",
+            n as f64 / secs.max(1e-9)
+        ),
+    );
     Ok(out)
 }
 
