@@ -93,6 +93,11 @@ fn finetune_reports_what_the_ledger_and_predictions_say() {
     assert!(text.contains("60"), "{text}");
 }
 
+/// Labels spent so far, or 0 while the database does not exist or is busy.
+fn spent(db: &Path) -> u64 {
+    LabelDb::open(db).and_then(|d| d.spent()).unwrap_or(0)
+}
+
 #[test]
 fn killed_at_random_moments_resumes_without_buying_twice() {
     let tmp = tempfile::tempdir().unwrap();
@@ -122,7 +127,7 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
     let db = root.join("killed/labels.db");
     let mut kills = 0;
     let mut first = true;
-    for _ in 0..40 {
+    for attempt in 0..40 {
         let mut cmd = smoke_finetune(root, &data, &enc, "killed");
         if !first {
             cmd.arg("--resume");
@@ -132,12 +137,25 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + next_delay();
+        // Two kinds of kill points: a random moment (anywhere: loading, training, scoring), or
+        // shortly after the next purchase lands in the ledger (the first two attempts, so that
+        // every run is killed at least twice in the middle).
+        let after_purchase = attempt < 2 || next_delay().as_millis() % 2 == 0;
+        let spent_before = spent(&db);
+        let mut deadline = if after_purchase {
+            None
+        } else {
+            Some(Instant::now() + next_delay())
+        };
+        let extra = Duration::from_millis(next_delay().as_millis() as u64 % 40);
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
                 break Some(status);
             }
-            if Instant::now() >= deadline {
+            if deadline.is_none() && spent(&db) > spent_before {
+                deadline = Some(Instant::now() + extra);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
                 break None;
@@ -180,6 +198,7 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
             }
         }
     }
+    println!("{kills} kills");
     assert!(
         kills >= 2,
         "only {kills} kills happened: the schedule is too slow"
