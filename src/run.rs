@@ -41,7 +41,8 @@ impl RunDir {
     }
 
     /// Checks an existing run for `--resume`, and removes temporary files that a process killed in
-    /// the middle of an atomic write left behind (the real files were never touched).
+    /// the middle of an atomic write or of a label-database import left behind (the real files were
+    /// never touched).
     pub fn open_existing(&self) -> Result<()> {
         if !self.root.is_dir() {
             bail!(
@@ -52,7 +53,7 @@ impl RunDir {
         self.check_writable()?;
         for entry in std::fs::read_dir(&self.root)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".tmp.") {
+            if name.starts_with('.') && (name.contains(".tmp.") || name.contains(".partial-")) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
