@@ -62,5 +62,5 @@ done
 
 python3 scripts/curve_table.py --out "$out" --budgets $budgets --strategies $strategies --seeds $seeds
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
+.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q matplotlib
 .venv/bin/python scripts/curve_table.py --out "$out" --budgets $budgets --strategies $strategies --seeds $seeds --plot

@@ -214,3 +214,51 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
         summary(&root.join("straight"))["test_accuracy"]
     );
 }
+
+/// `--freeze partial` trains the last conv block and the head only; `--freeze none` trains the whole
+/// encoder too. Read back from the finetune checkpoint and compared with the pretrained encoder.
+#[test]
+fn freeze_modes_train_the_right_weights() {
+    use burn::module::Module;
+    use frugal::checkpoint::{record_from_bytes, Checkpoint};
+    use frugal::finetune::encoder::load_encoder;
+    use frugal::models::{named_params, Classifier};
+    type B = burn::backend::Flex;
+    let device = burn::backend::flex::FlexDevice;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc) = setup(root);
+    let pretrained = load_encoder::<B>(&enc, &device).unwrap();
+    let before = named_params(&pretrained.encoder).unwrap();
+    for (mode, trained) in [
+        ("partial", vec!["conv3.weight", "conv3.bias"]),
+        ("none", vec!["conv1.weight", "conv2.weight", "conv3.weight"]),
+    ] {
+        let out = run(smoke_finetune(root, &data, &enc, mode).args([
+            "--freeze", mode, "--labels", "30", "--epochs", "3",
+        ]));
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let path = root.join(mode).join("checkpoint.bin");
+        let ck = Checkpoint::load(&path).unwrap();
+        let record = record_from_bytes::<B, _>(ck.blob(&path, "model").unwrap(), &device).unwrap();
+        let model = Classifier::<B>::new(
+            Some(pretrained.encoder.clone()),
+            pretrained.feature_dim,
+            32,
+            10,
+            &device,
+        )
+        .load_record(record);
+        let after = named_params(&model.encoder.unwrap()).unwrap();
+        for ((name, b), (name2, a)) in before.iter().zip(&after) {
+            assert_eq!(name, name2);
+            let changed = a != b;
+            assert_eq!(
+                changed,
+                trained.iter().any(|t| name.ends_with(t)) || (mode == "none"),
+                "{mode}: {name} changed: {changed}"
+            );
+        }
+    }
+}
