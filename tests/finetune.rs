@@ -235,9 +235,8 @@ fn freeze_modes_train_the_right_weights() {
         ("partial", vec!["conv3.weight", "conv3.bias"]),
         ("none", vec!["conv1.weight", "conv2.weight", "conv3.weight"]),
     ] {
-        let out = run(smoke_finetune(root, &data, &enc, mode).args([
-            "--freeze", mode, "--labels", "30", "--epochs", "3",
-        ]));
+        let out = run(smoke_finetune(root, &data, &enc, mode)
+            .args(["--freeze", mode, "--labels", "30", "--epochs", "3"]));
         assert!(out.status.success(), "{mode}: {}", stderr(&out));
         let path = root.join(mode).join("checkpoint.bin");
         let ck = Checkpoint::load(&path).unwrap();
