@@ -86,6 +86,27 @@ fn finetune_reports_what_the_ledger_and_predictions_say() {
         .collect();
     assert_eq!(spent, vec![15, 30, 45, 60]);
 
+    // Resuming a finished run changes nothing.
+    let modified = |f: &str| {
+        std::fs::metadata(run_dir.join(f))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = (modified("predictions.csv"), modified("summary.json"));
+    let out = run(smoke_finetune(root, &data, &enc, "ft").arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("finished already"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        before,
+        (modified("predictions.csv"), modified("summary.json"))
+    );
+    assert_eq!(ledger(&db).len(), 60);
+
     // `frugal labels status` reads the same database.
     let out = run(frugal().args(["labels", "status", "--label-db"]).arg(&db));
     assert!(out.status.success(), "{}", stderr(&out));

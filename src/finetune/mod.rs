@@ -67,8 +67,32 @@ impl FinetuneRun {
 
 /// Runs (or resumes) a finetune run on the configured device.
 pub fn finetune(run: FinetuneRun) -> Result<FinetuneSummary> {
+    if run.resume {
+        if let Some(summary) = finished(&run.run)? {
+            log(
+                None,
+                &format!(
+                    "{} has finished already: nothing to do",
+                    run.run.root.display()
+                ),
+            );
+            return Ok(summary);
+        }
+    }
     let (kind, threads) = (run.cfg.device, run.cfg.train.threads);
     crate::device::run_on(kind, threads, FinetuneJob(run))
+}
+
+/// The summary of a run whose last checkpoint says it finished, if it did.
+fn finished(run: &RunDir) -> Result<Option<FinetuneSummary>> {
+    let path = run.checkpoint();
+    if !path.exists() || !Checkpoint::load(&path)?.header.finished {
+        return Ok(None);
+    }
+    let Ok(text) = std::fs::read_to_string(run.summary()) else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_str(&text).ok())
 }
 
 struct FinetuneJob(FinetuneRun);
