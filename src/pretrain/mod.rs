@@ -1,6 +1,7 @@
 //! Self-supervised pretraining on the unlabeled training images. One file per method over the
 //! shared parts here: the run's state, checkpoints, TensorBoard reports and the summary.
 
+pub mod contrastive;
 pub mod vae;
 
 use std::path::Path;
