@@ -1,4 +1,14 @@
-//! Augmentations of single images on the host, seeded by the caller.
+//! Augmentations of images on the host, seeded by the caller.
+//!
+//! - [`shift_flip`]: the light augmentation of fine-tuning.
+//! - [`augment_view`], [`view_pairs`], [`Prefetcher`]: SimCLR's two strong views per image
+//!   ([`ViewAugmentConfig`] says how strong).
+
+mod pairs;
+mod view;
+
+pub use pairs::{view_pairs, view_rng, Prefetcher, ViewBatch, MAX_VIEW_BATCH};
+pub use view::{augment_view, ViewAugmentConfig, MAX_BLUR_SIGMA};
 
 use rand::Rng;
 

@@ -36,6 +36,9 @@ pub mod stream {
     pub const AUGMENT: u64 = 7;
     /// Acquisition: random picks, k-means seeding, projections (counter: round).
     pub const ACQUIRE: u64 = 8;
+    /// SimCLR: the two augmented views of each image of a batch (counter: global step; image `k`
+    /// of the batch starts `k << 24` words further on, see `augment::view_rng`).
+    pub const VIEWS: u64 = 9;
 }
 
 /// The order in which epoch `epoch` visits the `n` images.

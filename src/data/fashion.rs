@@ -98,6 +98,27 @@ impl FashionMnist {
         Ok(labels)
     }
 
+    /// Images from raw pixels, `n * 784` bytes (image after image, each row-major): synthetic data
+    /// for tests and benchmarks, with no files involved.
+    pub fn from_pixels(pixels: Vec<u8>) -> Result<Self> {
+        let px = IMAGE_SIDE * IMAGE_SIDE;
+        if pixels.is_empty() || !pixels.len().is_multiple_of(px) {
+            bail!(
+                "{} bytes are not a whole number (at least 1) of {px}-byte images",
+                pixels.len()
+            );
+        }
+        let in_file = pixels.len() / px;
+        Ok(Self {
+            images: IdxImages {
+                rows: IMAGE_SIDE,
+                cols: IMAGE_SIDE,
+                pixels,
+            },
+            in_file,
+        })
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.images.len()
