@@ -11,6 +11,9 @@ use super::{pixel_value, FashionMnist, IMAGE_SIDE};
 /// global step). Every random choice in training derives from `(seed, stream, counter)`, so a
 /// resumed run draws exactly what an uninterrupted one would: the checkpoint only needs the
 /// counters, not a generator's internal state.
+///
+/// Counters are `2^40` words apart and ChaCha's position wraps at `2^68` words, so only the low 28
+/// bits of `counter` count: keep counters below `2^28` (see `augment::view_rng` for a finer split).
 pub fn rng_for(seed: u64, stream: u64, counter: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);

@@ -300,6 +300,10 @@ pub fn train_round<B: AutodiffBackend>(
             let pairs: Vec<(usize, usize)> = chunk.iter().map(|&(i, c, _)| (i, c)).collect();
             let labels: Vec<u8> = chunk.iter().map(|&(_, _, l)| l).collect();
             let input = inputs.batch::<B>(Set::Pool, &pairs, device)?;
+            // Only the low 28 bits of a counter count (see `rng_for`): the round bits drop out, so
+            // step k of every round draws the same mask. Harmless (each round trains a fresh head
+            // on another data order), and the README's measured runs used this; changing it changes
+            // them.
             let mut mask_rng = rng_for(seed, stream::DROPOUT, ((round as u64) << 32) + step);
             let mask = keep_mask::<B>(
                 chunk.len(),
