@@ -174,15 +174,7 @@ impl Default for ReportConfig {
 impl PretrainConfig {
     /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: invalid config: {}",
-                path.display(),
-                one_line(&e.to_string())
-            )
-        })
+        read_toml(path)
     }
 
     /// The config as TOML (the effective config saved in each run).
@@ -255,6 +247,20 @@ impl PretrainConfig {
             }
         }
     }
+}
+
+/// Reads a TOML pipeline or saved config into `T`: missing fields take their defaults, unknown
+/// ones are errors naming the file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: invalid config: {}",
+            path.display(),
+            one_line(&e.to_string())
+        )
+    })
 }
 
 fn one_line(s: &str) -> String {

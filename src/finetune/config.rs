@@ -243,18 +243,7 @@ impl Default for FinetuneReport {
 impl FinetuneConfig {
     /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "invalid config {}: {}",
-                path.display(),
-                e.to_string()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )
-        })
+        crate::config::read_toml(path)
     }
 
     pub fn to_toml(&self) -> Result<String> {
