@@ -23,62 +23,91 @@ pub struct PretrainedEncoder<B: Backend> {
     pub finished: bool,
 }
 
+/// A pretraining run's config and checkpoint, checked to belong together.
+struct EncoderRun {
+    cfg: PretrainConfig,
+    ckpt: Checkpoint,
+    ckpt_path: std::path::PathBuf,
+}
+
+impl EncoderRun {
+    fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "encoder run {} does not exist: pretrain one first (`frugal ssl-pretrain`), or \
+                 pass --encoder checkpoints/<run>",
+                dir.display()
+            );
+        }
+        let config_path = dir.join("config.toml");
+        let ckpt_path = dir.join("checkpoint.bin");
+        if !config_path.exists() || !ckpt_path.exists() {
+            bail!(
+                "{} is not a pretraining run (it has no config.toml and checkpoint.bin): pass \
+                 --encoder checkpoints/<run> of a `frugal ssl-pretrain` run",
+                dir.display()
+            );
+        }
+        let ckpt = Checkpoint::load(&ckpt_path)?;
+        if ckpt.header.stage != crate::pretrain::STAGE {
+            bail!(
+                "{} holds a {} checkpoint, not a pretrained encoder: pass --encoder with a \
+                 `frugal ssl-pretrain` run",
+                ckpt_path.display(),
+                ckpt.header.stage
+            );
+        }
+        let cfg = PretrainConfig::from_file(&config_path)
+            .with_context(|| format!("cannot read the encoder run {}", dir.display()))?;
+        ckpt.expect(
+            &ckpt_path,
+            crate::pretrain::STAGE,
+            cfg.method.name(),
+            &cfg.architecture(),
+        )?;
+        Ok(Self {
+            cfg,
+            ckpt,
+            ckpt_path,
+        })
+    }
+
+    /// Method, encoder config and pretraining progress: what a finetune checkpoint records.
+    fn identity(&self) -> Result<serde_json::Value> {
+        let encoder = match self.cfg.method {
+            Method::Vae => serde_json::to_value(&self.cfg.vae.encoder)?,
+        };
+        Ok(serde_json::json!({
+            "method": self.cfg.method.name(),
+            "encoder": encoder,
+            "pretrain_seed": self.ckpt.header.seed,
+            "pretrain_step": self.ckpt.header.global_step,
+        }))
+    }
+}
+
+/// The identity ([`PretrainedEncoder::identity`]) of the encoder run in `dir`, without loading
+/// its weights.
+pub fn encoder_identity(dir: &Path) -> Result<serde_json::Value> {
+    EncoderRun::open(dir)?.identity()
+}
+
 /// Loads the encoder of the pretraining run in `dir` (its `config.toml` and `checkpoint.bin`).
 pub fn load_encoder<B: Backend>(dir: &Path, device: &B::Device) -> Result<PretrainedEncoder<B>> {
-    if !dir.is_dir() {
-        bail!(
-            "encoder run {} does not exist: pretrain one first (`frugal ssl-pretrain`), or pass \
-             --encoder checkpoints/<run>",
-            dir.display()
-        );
-    }
-    let config_path = dir.join("config.toml");
-    let ckpt_path = dir.join("checkpoint.bin");
-    if !config_path.exists() || !ckpt_path.exists() {
-        bail!(
-            "{} is not a pretraining run (it has no config.toml and checkpoint.bin): pass \
-             --encoder checkpoints/<run> of a `frugal ssl-pretrain` run",
-            dir.display()
-        );
-    }
-    let ck = Checkpoint::load(&ckpt_path)?;
-    if ck.header.stage != crate::pretrain::STAGE {
-        bail!(
-            "{} holds a {} checkpoint, not a pretrained encoder: pass --encoder with a \
-             `frugal ssl-pretrain` run",
-            ckpt_path.display(),
-            ck.header.stage
-        );
-    }
-    let cfg = PretrainConfig::from_file(&config_path)
-        .with_context(|| format!("cannot read the encoder run {}", dir.display()))?;
-    ck.expect(
-        &ckpt_path,
-        crate::pretrain::STAGE,
-        cfg.method.name(),
-        &cfg.architecture(),
-    )?;
-    let (encoder, feature_dim, encoder_cfg) = match cfg.method {
+    let run = EncoderRun::open(dir)?;
+    let (cfg, ck, ckpt_path) = (&run.cfg, &run.ckpt, &run.ckpt_path);
+    let (encoder, feature_dim) = match cfg.method {
         Method::Vae => {
-            let record = record_from_bytes::<B, _>(ck.blob(&ckpt_path, "model")?, device)
+            let record = record_from_bytes::<B, _>(ck.blob(ckpt_path, "model")?, device)
                 .with_context(|| format!("{}: cannot load the VAE", ckpt_path.display()))?;
             let vae = cfg.vae.init::<B>(device).load_record(record);
-            (
-                vae.encoder,
-                cfg.vae.encoder.feature_dim(),
-                serde_json::to_value(&cfg.vae.encoder)?,
-            )
+            (vae.encoder, cfg.vae.encoder.feature_dim())
         }
     };
     Ok(PretrainedEncoder {
         encoder,
         feature_dim,
-        identity: serde_json::json!({
-            "method": cfg.method.name(),
-            "encoder": encoder_cfg,
-            "pretrain_seed": ck.header.seed,
-            "pretrain_step": ck.header.global_step,
-        }),
+        identity: run.identity()?,
         epochs: ck.header.epoch,
         finished: ck.header.finished,
     })

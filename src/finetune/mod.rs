@@ -68,7 +68,7 @@ impl FinetuneRun {
 /// Runs (or resumes) a finetune run on the configured device.
 pub fn finetune(run: FinetuneRun) -> Result<FinetuneSummary> {
     if run.resume {
-        if let Some(summary) = finished(&run.run)? {
+        if let Some(summary) = finished(&run.run, &run.cfg)? {
             log(
                 None,
                 &format!(
@@ -83,12 +83,20 @@ pub fn finetune(run: FinetuneRun) -> Result<FinetuneSummary> {
     crate::device::run_on(kind, threads, FinetuneJob(run))
 }
 
-/// The summary of a run whose last checkpoint says it finished, if it did.
-fn finished(run: &RunDir) -> Result<Option<FinetuneSummary>> {
+/// The summary of a run whose last checkpoint says it finished, if it did. Refuses, as a resume
+/// would, an encoder run that changed since.
+fn finished(run: &RunDir, cfg: &FinetuneConfig) -> Result<Option<FinetuneSummary>> {
     let path = run.checkpoint();
-    if !path.exists() || !Checkpoint::load(&path)?.header.finished {
+    if !path.exists() {
         return Ok(None);
     }
+    let ck = Checkpoint::load(&path)?;
+    if !ck.header.finished {
+        return Ok(None);
+    }
+    let mut expected = ck.header.architecture.clone();
+    expected["encoder"] = encoder::encoder_identity(&cfg.encoder)?;
+    ck.expect(&path, STAGE, cfg.labels.strategy.name(), &expected)?;
     let Ok(text) = std::fs::read_to_string(run.summary()) else {
         return Ok(None);
     };
