@@ -246,6 +246,12 @@ impl BackendJob for FinetuneJob {
             (pool.spent() > 0).then(|| pool.spent() - 1),
         )?;
 
+        let writer = CheckpointWriter {
+            path: &ckpt_path,
+            cfg: &cfg,
+            method,
+            architecture: &architecture,
+        };
         let (model, training, test_probs) = loop {
             let round = pool.rounds();
             if round == 0 {
@@ -298,18 +304,8 @@ impl BackendJob for FinetuneJob {
                     let (model, training) =
                         train_round(init, &train_set, &val_set, &inputs, &cfg, round, &device)?;
                     // Checkpoint before anything is logged for this round.
-                    save(
-                        &ckpt_path,
-                        &model,
-                        &training,
-                        &cfg,
-                        method,
-                        &architecture,
-                        &pool,
-                        seed,
-                        seconds_before + started.elapsed().as_secs_f64(),
-                        false,
-                    )?;
+                    let seconds = seconds_before + started.elapsed().as_secs_f64();
+                    writer.save(&model, &training, &pool, seconds, false)?;
                     (model, training)
                 }
             };
@@ -420,18 +416,7 @@ impl BackendJob for FinetuneJob {
 
         // The end: predictions, confusion matrix, projector, summary.
         let seconds = seconds_before + started.elapsed().as_secs_f64();
-        save(
-            &ckpt_path,
-            &model,
-            &training,
-            &cfg,
-            method,
-            &architecture,
-            &pool,
-            seed,
-            seconds,
-            true,
-        )?;
+        writer.save(&model, &training, &pool, seconds, true)?;
         let cm = ConfusionMatrix::new(&test_probs, &test_labels);
         report::write_predictions(&run.root.join("predictions.csv"), &test_probs)?;
         let step = pool.spent();
@@ -699,41 +684,47 @@ fn project<B: Backend>(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save<B: AutodiffBackend>(
-    path: &std::path::Path,
-    model: &Classifier<B>,
-    training: &RoundTraining,
-    cfg: &FinetuneConfig,
-    method: &str,
-    architecture: &serde_json::Value,
-    pool: &Pool,
-    seed: u64,
-    seconds: f64,
-    finished: bool,
-) -> Result<()> {
-    let saved = Saved {
-        plan: cfg.plan(),
-        rounds_trained: pool.rounds(),
-        training: training.clone(),
-        seconds,
-    };
-    Checkpoint {
-        header: CheckpointHeader {
-            stage: STAGE.into(),
-            method: method.into(),
-            architecture: architecture.clone(),
-            epoch: pool.rounds() as u64,
-            batch_in_epoch: 0,
-            global_step: pool.spent(),
-            seed,
-            train_seconds: seconds,
-            finished,
-            frugal_version: env!("CARGO_PKG_VERSION").into(),
-            extra: serde_json::to_value(saved)?,
-        },
-        blobs: vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)],
+/// Writes this run's checkpoints: what identifies the run is fixed, the model and progress vary.
+struct CheckpointWriter<'a> {
+    path: &'a std::path::Path,
+    cfg: &'a FinetuneConfig,
+    method: &'a str,
+    architecture: &'a serde_json::Value,
+}
+
+impl CheckpointWriter<'_> {
+    /// The classifier trained on the labels of `pool`'s rounds, atomically replacing the last one.
+    fn save<B: AutodiffBackend>(
+        &self,
+        model: &Classifier<B>,
+        training: &RoundTraining,
+        pool: &Pool,
+        seconds: f64,
+        finished: bool,
+    ) -> Result<()> {
+        let saved = Saved {
+            plan: self.cfg.plan(),
+            rounds_trained: pool.rounds(),
+            training: training.clone(),
+            seconds,
+        };
+        Checkpoint {
+            header: CheckpointHeader {
+                stage: STAGE.into(),
+                method: self.method.into(),
+                architecture: self.architecture.clone(),
+                epoch: pool.rounds() as u64,
+                batch_in_epoch: 0,
+                global_step: pool.spent(),
+                seed: self.cfg.train.seed,
+                train_seconds: seconds,
+                finished,
+                frugal_version: env!("CARGO_PKG_VERSION").into(),
+                extra: serde_json::to_value(saved)?,
+            },
+            blobs: vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)],
+        }
+        .save(self.path)
+        .with_context(|| format!("cannot write checkpoint {}", self.path.display()))
     }
-    .save(path)
-    .with_context(|| format!("cannot write checkpoint {}", path.display()))
 }

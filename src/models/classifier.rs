@@ -44,6 +44,10 @@ impl<B: Backend> Classifier<B> {
     }
 
     /// The embedding (hidden activations after ReLU), `[batch, hidden]`.
+    ///
+    /// # Panics
+    /// If `input` does not fit the classifier (images without an encoder, features with one):
+    /// a bug in the caller, which builds both from the same `--freeze` setting.
     pub fn embed(&self, input: ClassifierInput<B>) -> Tensor<B, 2> {
         let features = match (input, &self.encoder) {
             (ClassifierInput::Features(f), None) => f,

@@ -164,6 +164,7 @@ mod tests {
 
     use super::*;
     use crate::data::augment::augment_view;
+    use crate::data::augment::view::everything_on;
 
     /// `n` synthetic images: a bright rectangle of random size and place on a dark noisy ground.
     fn synthetic(n: usize, seed: u64) -> FashionMnist {
@@ -186,16 +187,6 @@ mod tests {
         FashionMnist::from_pixels(pixels).unwrap()
     }
 
-    fn all_on() -> ViewAugmentConfig {
-        ViewAugmentConfig {
-            flip_prob: 1.0,
-            jitter_prob: 1.0,
-            blur_prob: 1.0,
-            erase_prob: 1.0,
-            ..ViewAugmentConfig::default()
-        }
-    }
-
     fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -208,7 +199,7 @@ mod tests {
     fn pairs_have_the_shape_range_and_the_documented_generators() {
         let data = synthetic(50, 1);
         let indices = [3, 0, 49, 3, 17];
-        for cfg in [ViewAugmentConfig::default(), all_on()] {
+        for cfg in [ViewAugmentConfig::default(), everything_on()] {
             let (a, b) = view_pairs(&data, &indices, &cfg, 11, 7);
             assert_eq!((a.len(), b.len()), (5 * PIXELS, 5 * PIXELS));
             assert!(a.iter().chain(&b).all(|v| (0.0..=1.0).contains(v)));
@@ -223,7 +214,7 @@ mod tests {
             // The same image twice in a batch gets different views (k differs).
             assert_ne!(&a[..PIXELS], &a[3 * PIXELS..][..PIXELS]);
         }
-        assert!(view_pairs(&data, &[], &all_on(), 1, 0).0.is_empty());
+        assert!(view_pairs(&data, &[], &everything_on(), 1, 0).0.is_empty());
     }
 
     #[test]
@@ -258,7 +249,7 @@ mod tests {
     #[test]
     fn prefetcher_yields_the_plan_in_order() {
         let data = Arc::new(synthetic(64, 3));
-        let cfg = all_on();
+        let cfg = everything_on();
         let batches = plan(6, 32, 64);
         let mut pre = Prefetcher::start(data.clone(), cfg.clone(), 9, batches.clone());
         for (step, indices) in &batches {
@@ -324,7 +315,7 @@ mod tests {
         let indices: Vec<usize> = (0..512).map(|k| (k * 2654435761usize) % 4096).collect();
         for (name, cfg) in [
             ("defaults", ViewAugmentConfig::default()),
-            ("all on", all_on()),
+            ("all on", everything_on()),
         ] {
             for threads in [1, 2] {
                 let per_batch = in_pool(threads, || {

@@ -370,6 +370,18 @@ fn erase_box(cfg: &ViewAugmentConfig, rng: &mut impl Rng) -> Option<[usize; 4]> 
     Some([x0, y0, w, h])
 }
 
+/// Every optional step at probability 1 (tests of this module and of `pairs`).
+#[cfg(test)]
+pub(crate) fn everything_on() -> ViewAugmentConfig {
+    ViewAugmentConfig {
+        flip_prob: 1.0,
+        jitter_prob: 1.0,
+        blur_prob: 1.0,
+        erase_prob: 1.0,
+        ..ViewAugmentConfig::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,16 +431,6 @@ mod tests {
             }
         }
         tv
-    }
-
-    fn everything_on() -> ViewAugmentConfig {
-        ViewAugmentConfig {
-            flip_prob: 1.0,
-            jitter_prob: 1.0,
-            blur_prob: 1.0,
-            erase_prob: 1.0,
-            ..ViewAugmentConfig::default()
-        }
     }
 
     #[test]
