@@ -116,6 +116,10 @@ pub struct FinetuneArgs {
     /// head), none (everything) [default: encoder].
     #[arg(long, value_enum)]
     pub freeze: Option<Freeze>,
+    /// Width of the head's hidden layer; 0 is a linear head on the encoder's features (what the
+    /// encoder comparison uses) [default: 256].
+    #[arg(long, value_name = "N")]
+    pub hidden: Option<usize>,
     /// Augmented copies (shift, flip) of each bought image; 0 turns augmentation off [default: 2].
     #[arg(long, value_name = "N")]
     pub augment: Option<usize>,
@@ -337,6 +341,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     if let Some(v) = args.freeze {
         cfg.model.freeze = v;
     }
+    if let Some(v) = args.hidden {
+        cfg.model.hidden = v;
+    }
     if let Some(v) = args.augment {
         cfg.train.augment_copies = v;
     }
@@ -365,7 +372,18 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
 
 fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
     let c = &args.common;
-    let run = RunDir::new(&c.checkpoints, &run_name(c, "fashion-vae"))?;
+    let pipeline = match &c.pipeline {
+        Some(path) => Some(PretrainConfig::from_file(path)?),
+        None => None,
+    };
+    let method = args
+        .method
+        .or(pipeline.as_ref().map(|p| p.method))
+        .unwrap_or(Method::Vae);
+    let run = RunDir::new(
+        &c.checkpoints,
+        &run_name(c, &format!("fashion-{}", method.name())),
+    )?;
 
     let saved = if c.resume {
         run.open_existing()?;
@@ -373,10 +391,10 @@ fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
     } else {
         None
     };
-    let mut cfg = match (&c.pipeline, &saved) {
-        (Some(path), _) => PretrainConfig::from_file(path)?,
+    let mut cfg = match (pipeline, &saved) {
+        (Some(p), _) => p,
         (None, Some(saved)) => saved.clone(),
-        (None, None) => PretrainConfig::default(),
+        (None, None) => PretrainConfig::for_method(method),
     };
     apply_flags(&mut cfg, &args);
     cfg.validate()?;
@@ -432,7 +450,7 @@ fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
             summary.global_step,
             summary.train_seconds,
             summary.images_per_second,
-            summary.last_epoch_losses["total"],
+            summary.last_epoch_losses["loss"],
             summary.run_dir
         ),
     );

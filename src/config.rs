@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DEFAULT_DATA_DIR;
-use crate::models::VaeConfig;
+use crate::models::{SimclrConfig, VaeConfig};
 
 /// Self-supervised pretraining methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -15,12 +15,15 @@ use crate::models::VaeConfig;
 pub enum Method {
     /// Convolutional variational autoencoder.
     Vae,
+    /// Contrastive learning of two augmented views per image (SimCLR, NT-Xent loss).
+    Simclr,
 }
 
 impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Vae => "vae",
+            Method::Simclr => "simclr",
         }
     }
 }
@@ -52,6 +55,7 @@ pub struct PretrainConfig {
     pub device: DeviceKind,
     pub data: DataConfig,
     pub vae: VaeConfig,
+    pub simclr: SimclrConfig,
     pub train: TrainConfig,
     pub checkpoint: CheckpointConfig,
     pub report: ReportConfig,
@@ -64,6 +68,7 @@ impl Default for PretrainConfig {
             device: DeviceKind::Cpu,
             data: DataConfig::default(),
             vae: VaeConfig::default(),
+            simclr: SimclrConfig::default(),
             train: TrainConfig::default(),
             checkpoint: CheckpointConfig::default(),
             report: ReportConfig::default(),
@@ -95,6 +100,7 @@ impl Default for DataConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub epochs: u64,
+    /// Images per step (SimCLR sees two views of each).
     pub batch_size: usize,
     /// Adam's learning rate (peak, with a schedule).
     pub learning_rate: f64,
@@ -103,6 +109,8 @@ pub struct TrainConfig {
     pub warmup_steps: u64,
     /// Floor of the cosine schedule, as a fraction of `learning_rate`.
     pub min_lr_ratio: f64,
+    /// Adam's L2 weight decay (0: none).
+    pub weight_decay: f64,
     /// Weight of the KL term (beta-VAE; 1 is the plain ELBO).
     pub kl_weight: f64,
     /// Seed of every random choice: initial weights, data order, noise.
@@ -120,6 +128,7 @@ impl Default for TrainConfig {
             lr_schedule: LrSchedule::Cosine,
             warmup_steps: 100,
             min_lr_ratio: 0.05,
+            weight_decay: 0.0,
             kl_weight: 1.0,
             seed: 42,
             threads: 0,
@@ -158,6 +167,14 @@ pub struct ReportConfig {
     pub histogram_buckets: usize,
     /// Test images shown in the embedding projector at the end (0: none).
     pub projector_samples: usize,
+    /// SimCLR: images whose two views are shown side by side at the start of the run.
+    pub view_pair_images: usize,
+    /// SimCLR's dashboard k-NN classifier, after each epoch: a fixed random set of this many test
+    /// images (with their labels) is the memory bank, the other test images are scored. For the
+    /// dashboard only, never used to choose anything; 0 turns it off.
+    pub knn_fit_images: usize,
+    /// Neighbours that vote (by cosine similarity of the encoder's features).
+    pub knn_k: usize,
 }
 
 impl Default for ReportConfig {
@@ -167,11 +184,32 @@ impl Default for ReportConfig {
             reconstruction_images: 32,
             histogram_buckets: 30,
             projector_samples: 2000,
+            view_pair_images: 16,
+            knn_fit_images: 1000,
+            knn_k: 20,
         }
     }
 }
 
 impl PretrainConfig {
+    /// The built-in defaults of `method` (the same as `pipelines/fashion-<method>.toml`).
+    pub fn for_method(method: Method) -> Self {
+        match method {
+            Method::Vae => Self::default(),
+            Method::Simclr => Self {
+                method,
+                train: TrainConfig {
+                    epochs: 8,
+                    batch_size: 512,
+                    warmup_steps: 50,
+                    weight_decay: 1e-6,
+                    ..TrainConfig::default()
+                },
+                ..Self::default()
+            },
+        }
+    }
+
     /// Reads a pipeline file; missing fields take their defaults, unknown ones are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         read_toml(path)
@@ -186,6 +224,7 @@ impl PretrainConfig {
     pub fn architecture(&self) -> serde_json::Value {
         match self.method {
             Method::Vae => serde_json::to_value(&self.vae).unwrap_or_default(),
+            Method::Simclr => self.simclr.architecture(),
         }
     }
 
@@ -216,8 +255,37 @@ impl PretrainConfig {
         if self.data.limit == Some(0) {
             bail!("data.limit must be at least 1");
         }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            bail!("train.weight_decay must be >= 0, got {}", t.weight_decay);
+        }
         if self.vae.latent_dim == 0 || self.vae.encoder.channels.contains(&0) {
             bail!("vae.latent_dim and vae.encoder.channels must be positive");
+        }
+        let s = &self.simclr;
+        s.encoder.validate("simclr.encoder")?;
+        if s.projection_hidden == 0 || s.projection_dim == 0 {
+            bail!("simclr.projection_hidden and simclr.projection_dim must be positive");
+        }
+        if !(s.temperature.is_finite() && s.temperature > 0.0) {
+            bail!(
+                "simclr.temperature must be a positive number, got {}",
+                s.temperature
+            );
+        }
+        s.augment.validate()?;
+        if self.method == Method::Simclr {
+            if t.batch_size < 2 {
+                bail!("train.batch_size must be at least 2 for simclr (the other images of a batch are its negatives)");
+            }
+            if t.batch_size > crate::data::augment::MAX_VIEW_BATCH {
+                bail!(
+                    "train.batch_size must be at most {} for simclr",
+                    crate::data::augment::MAX_VIEW_BATCH
+                );
+            }
+            if self.report.knn_fit_images > 0 && self.report.knn_k == 0 {
+                bail!("report.knn_k must be at least 1 (or set report.knn_fit_images = 0)");
+            }
         }
         if self.report.log_every_steps == 0 {
             bail!("report.log_every_steps must be at least 1");
@@ -273,7 +341,12 @@ mod tests {
 
     #[test]
     fn shipped_pipelines_parse_and_validate() {
-        for name in ["fashion-vae.toml", "smoke.toml"] {
+        for name in [
+            "fashion-vae.toml",
+            "smoke.toml",
+            "fashion-simclr.toml",
+            "smoke-simclr.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("pipelines")
                 .join(name);
@@ -282,6 +355,42 @@ mod tests {
             let back: PretrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
             assert_eq!(back, cfg, "{name} survives a save/load");
         }
+    }
+
+    #[test]
+    fn shipped_pipelines_are_the_builtin_defaults() {
+        for method in [Method::Vae, Method::Simclr] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("pipelines")
+                .join(format!("fashion-{}.toml", method.name()));
+            let cfg = PretrainConfig::from_file(&path).unwrap();
+            assert_eq!(
+                cfg,
+                PretrainConfig::for_method(method),
+                "{}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn encoder_kinds_parse() {
+        let cfg: PretrainConfig = toml::from_str(
+            "method = \"simclr\"\n[simclr.encoder]\nkind = \"resnet\"\nwidths = [8, 16, 32]\nblocks = [1, 2, 1]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.simclr.encoder.feature_dim(), 32);
+        let err = toml::from_str::<PretrainConfig>(
+            "[simclr.encoder]\nkind = \"resnet\"\nwidthz = [8, 16, 32]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("widthz"), "{err}");
+        let err = toml::from_str::<PretrainConfig>("[simclr.encoder]\nkind = \"vgg\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vgg"), "{err}");
     }
 
     #[test]

@@ -219,6 +219,35 @@ fn bad_flags_and_pipelines() {
             .arg(tmp.path().join("missing.toml")),
         &["cannot read config file", "missing.toml"],
     );
+    // SimCLR settings that would fail deep inside training are refused up front, by key.
+    let simclr = std::fs::read_to_string(repo().join("pipelines/smoke-simclr.toml")).unwrap();
+    for (from, to, wants) in [
+        (
+            "temperature = 0.5",
+            "temperature = 0.0",
+            "simclr.temperature",
+        ),
+        (
+            "crop_scale = [0.3, 1.0]",
+            "crop_scale = [0.5, 0.2]",
+            "simclr.augment.crop_scale",
+        ),
+        (
+            "kind = \"conv\"\nchannels = [8, 16, 16]",
+            "kind = \"resnet\"\nblocks = [1, 0, 1]",
+            "simclr.encoder",
+        ),
+        (
+            "batch_size = 64",
+            "batch_size = 1",
+            "batch_size must be at least 2",
+        ),
+    ] {
+        assert!(simclr.contains(from), "smoke-simclr.toml has no {from:?}");
+        let path = tmp.path().join("simclr-bad.toml");
+        std::fs::write(&path, simclr.replace(from, to)).unwrap();
+        fails_with(&mut smoke_with(&path, tmp.path(), &dir, "s"), &[wants]);
+    }
     #[cfg(not(feature = "cuda"))]
     {
         fails_with(

@@ -260,3 +260,102 @@ fn tensorboard_reads_a_finetune_run() {
     assert_eq!(p["tensors_loaded"], serde_json::json!([50, 32]));
     assert_eq!(p["metadata_rows"], 50);
 }
+
+#[test]
+fn tensorboard_reads_a_simclr_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sliced_data_dir(&tmp.path().join("data"), 512, 300);
+    let out = run(&mut smoke_simclr(tmp.path(), &data, "simclr"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_dir = tmp.path().join("simclr");
+    let tb = tensorboard_view(&run_dir);
+
+    let scalars = tb["scalars"].as_object().unwrap();
+    let mut tags: Vec<&str> = scalars.keys().map(|s| s.as_str()).collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        [
+            "epoch/alignment",
+            "epoch/loss",
+            "epoch/positive_top1",
+            "epoch/uniformity",
+            "loss/nt_xent",
+            "monitor/alignment",
+            "monitor/knn_test_accuracy",
+            "monitor/positive_top1",
+            "monitor/uniformity",
+            "train/images_per_second",
+            "train/learning_rate"
+        ]
+    );
+    // Every step 1..=16 (512 images, batch 64, 2 epochs), with the values of metrics.csv.
+    for (tag, column) in [
+        ("loss/nt_xent", "loss"),
+        ("monitor/alignment", "alignment"),
+        ("monitor/uniformity", "uniformity"),
+        ("monitor/positive_top1", "positive_top1"),
+        ("train/learning_rate", "learning_rate"),
+    ] {
+        let from_tb: Vec<(u64, f32)> = scalars[tag]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap() as f32))
+            .collect();
+        assert_eq!(from_tb.len(), 16, "{tag}");
+        assert_eq!(from_tb, csv_column(&run_dir, column), "{tag}");
+    }
+    // The k-NN dashboard before training and after each epoch, an accuracy; the summary keeps
+    // the last.
+    let knn = scalars["monitor/knn_test_accuracy"].as_array().unwrap();
+    assert_eq!(
+        knn.iter()
+            .map(|e| e[0].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 8, 16]
+    );
+    for e in knn {
+        let v = e[1].as_f64().unwrap();
+        assert!(v > 0.1 && v <= 1.0, "k-NN accuracy {v}");
+    }
+    let last = summary(&run_dir)["dashboard"]["monitor/knn_test_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!((last - knn[2][1].as_f64().unwrap()).abs() < 1e-6);
+
+    // View pairs: 8 images in one row of view A over one row of view B, at the same steps.
+    let pairs = tb["images"]["views/pairs"].as_array().unwrap();
+    assert_eq!(
+        pairs
+            .iter()
+            .map(|e| e[0].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 8, 16]
+    );
+    assert_eq!(
+        pairs[0][3],
+        serde_json::json!([8 * 28 + 9 * 2, 2 * 28 + 3 * 2]),
+        "PNG size"
+    );
+
+    // Histograms of the encoder and the projection MLP.
+    let histos = tb["histograms"].as_object().unwrap();
+    let conv1 = histos
+        .iter()
+        .find(|(k, _)| k.starts_with("weights/encoder.") && k.ends_with("conv1.weight"))
+        .unwrap_or_else(|| panic!("no encoder conv1 histogram in {:?}", histos.keys()));
+    assert_eq!(conv1.1[0][1].as_f64(), Some((8 * 3 * 3) as f64));
+    assert_eq!(
+        histos["weights/projection_out.weight"][0][1].as_f64(),
+        Some((32 * 16) as f64)
+    );
+
+    // Projector: 64 test images, their 16-dimensional projections.
+    let p = &tb["projectors"]["simclr_projection"];
+    assert_eq!(p["tensor_shape"], serde_json::json!([64, 16]));
+    assert_eq!(p["tensors_loaded"], serde_json::json!([64, 16]));
+    assert_eq!(p["tensors_finite"], true);
+    assert_eq!(p["metadata_rows"], 64);
+    assert_eq!(p["sprite_size"], serde_json::json!([8 * 28, 8 * 28]));
+}

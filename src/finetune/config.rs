@@ -158,7 +158,9 @@ impl LabelPlan {
 #[serde(default, deny_unknown_fields)]
 pub struct HeadConfig {
     pub freeze: Freeze,
-    /// Width of the hidden layer (its activations are the embedding k-center and the projector use).
+    /// Width of the hidden layer (its activations are the embedding k-center and the projector
+    /// use); 0 is a linear head (k-center then works on the features, the projector shows the
+    /// predicted probabilities).
     pub hidden: usize,
     /// Dropout before the output layer (also what MC dropout samples).
     pub dropout: f64,
@@ -330,8 +332,8 @@ impl FinetuneConfig {
         if t.augment_shift > 8 {
             bail!("train.augment_shift must be at most 8 pixels");
         }
-        if self.model.hidden == 0 || !(0.0..1.0).contains(&self.model.dropout) {
-            bail!("model.hidden must be positive and model.dropout in [0, 1)");
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            bail!("model.dropout must be in [0, 1)");
         }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");

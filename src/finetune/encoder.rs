@@ -8,11 +8,11 @@ use burn::tensor::backend::Backend;
 
 use crate::checkpoint::{record_from_bytes, Checkpoint};
 use crate::config::{Method, PretrainConfig};
-use crate::models::ConvEncoder;
+use crate::models::{Encoder, EncoderConfig};
 
 /// A pretrained encoder and what finetune needs to know of it.
 pub struct PretrainedEncoder<B: Backend> {
-    pub encoder: ConvEncoder<B>,
+    pub encoder: Encoder<B>,
     /// Length of the feature vector per image.
     pub feature_dim: usize,
     /// Pretraining method and encoder config, recorded in the finetune checkpoint so that a
@@ -75,7 +75,9 @@ impl EncoderRun {
     /// Method, encoder config and pretraining progress: what a finetune checkpoint records.
     fn identity(&self) -> Result<serde_json::Value> {
         let encoder = match self.cfg.method {
+            // The VAE's encoder is always the conv one, recorded as its bare config.
             Method::Vae => serde_json::to_value(&self.cfg.vae.encoder)?,
+            Method::Simclr => serde_json::to_value(&self.cfg.simclr.encoder)?,
         };
         Ok(serde_json::json!({
             "method": self.cfg.method.name(),
@@ -96,12 +98,25 @@ pub fn encoder_identity(dir: &Path) -> Result<serde_json::Value> {
 pub fn load_encoder<B: Backend>(dir: &Path, device: &B::Device) -> Result<PretrainedEncoder<B>> {
     let run = EncoderRun::open(dir)?;
     let (cfg, ck, ckpt_path) = (&run.cfg, &run.ckpt, &run.ckpt_path);
+    let blob = ck.blob(ckpt_path, "model")?;
+    let cannot = || {
+        format!(
+            "{}: cannot load the {} model",
+            ckpt_path.display(),
+            cfg.method.name()
+        )
+    };
     let (encoder, feature_dim) = match cfg.method {
         Method::Vae => {
-            let record = record_from_bytes::<B, _>(ck.blob(ckpt_path, "model")?, device)
-                .with_context(|| format!("{}: cannot load the VAE", ckpt_path.display()))?;
+            let record = record_from_bytes::<B, _>(blob, device).with_context(cannot)?;
             let vae = cfg.vae.init::<B>(device).load_record(record);
-            (vae.encoder, cfg.vae.encoder.feature_dim())
+            let config = EncoderConfig::Conv(cfg.vae.encoder.clone());
+            (Encoder::Conv(vae.encoder), config.feature_dim())
+        }
+        Method::Simclr => {
+            let record = record_from_bytes::<B, _>(blob, device).with_context(cannot)?;
+            let model = cfg.simclr.init::<B>(device).load_record(record);
+            (model.encoder, cfg.simclr.encoder.feature_dim())
         }
     };
     Ok(PretrainedEncoder {

@@ -31,7 +31,7 @@ use crate::data::batch::{fixed_subsample, images_tensor, rng_for, stream};
 use crate::data::{FashionMnist, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device::BackendJob;
 use crate::labels::{self, DatasetId, LabelDb, Purchase};
-use crate::models::{host_values, Classifier, ConvEncoder};
+use crate::models::{host_values, Classifier, Encoder};
 use crate::pretrain::ProjectorSample;
 use crate::progress::{images_bar, log};
 use crate::run::{MetricsCsv, RunDir};
@@ -403,7 +403,7 @@ impl BackendJob for FinetuneJob {
                 mc_probs: &scores.mc_probs,
                 mc_samples: mc,
                 embeddings: &scores.embeddings,
-                dim: cfg.model.hidden,
+                dim: inner.embedding_dim(),
                 candidates: &candidates,
                 labeled: &labeled,
             };
@@ -424,18 +424,30 @@ impl BackendJob for FinetuneJob {
         if cfg.report.projector_samples > 0 {
             let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
             let inner = model.valid();
-            let emb = score(&inner, &inputs, Set::Test, &indices, &cfg, true, 0, &device)?;
+            let linear = cfg.model.hidden == 0;
+            let emb = score(
+                &inner,
+                &inputs,
+                Set::Test,
+                &indices,
+                &cfg,
+                !linear,
+                0,
+                &device,
+            )?;
             let sample = ProjectorSample {
                 labels: indices.iter().map(|&i| test_labels[i]).collect(),
                 images: test_images.clone(),
                 indices,
             };
-            sample.write(
-                &run.projector(),
-                "finetuned_embedding",
-                &emb.embeddings,
-                cfg.model.hidden,
-            )?;
+            // A linear head has no embedding of its own (its input is the encoder's features,
+            // thousands wide): show what it predicts instead.
+            let (name, vectors, dim) = if linear {
+                ("finetuned_probabilities", &emb.probs, CLASS_NAMES.len())
+            } else {
+                ("finetuned_embedding", &emb.embeddings, cfg.model.hidden)
+            };
+            sample.write(&run.projector(), name, vectors, dim)?;
         }
         tb.flush()?;
         log(
@@ -599,18 +611,13 @@ fn random_picks(candidates: &[usize], k: usize, seed: u64) -> Vec<Pick> {
 /// or the pretrained encoder with its first blocks frozen (partial) or all trainable.
 fn new_classifier<B: AutodiffBackend>(
     cfg: &FinetuneConfig,
-    encoder: &ConvEncoder<B>,
+    encoder: &Encoder<B>,
     feature_dim: usize,
     device: &B::Device,
 ) -> Classifier<B> {
     let encoder = match cfg.model.freeze {
         Freeze::Encoder => None,
-        Freeze::Partial => {
-            let mut e = encoder.clone();
-            e.conv1 = e.conv1.no_grad();
-            e.conv2 = e.conv2.no_grad();
-            Some(e)
-        }
+        Freeze::Partial => Some(encoder.clone().freeze_early()),
         Freeze::None => Some(encoder.clone()),
     };
     Classifier::new(
@@ -624,7 +631,7 @@ fn new_classifier<B: AutodiffBackend>(
 
 /// Encoder features of every image, `[n, feature_dim]` row-major, with a progress bar.
 fn encode_all<B: Backend>(
-    encoder: &ConvEncoder<B>,
+    encoder: &Encoder<B>,
     images: &FashionMnist,
     cfg: &FinetuneConfig,
     what: &str,

@@ -18,7 +18,7 @@ use super::config::FinetuneConfig;
 use crate::data::augment::shift_flip;
 use crate::data::batch::{images_tensor, rng_for, stream};
 use crate::data::{FashionMnist, IMAGE_SIDE};
-use crate::models::{host_values, Classifier, ClassifierInput, ConvEncoder};
+use crate::models::{host_values, Classifier, ClassifierInput, Encoder};
 
 /// Which image set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ impl<'a> Inputs<'a> {
     /// not cached yet.
     pub fn prepare_augmented<B: Backend>(
         &mut self,
-        encoder: Option<&ConvEncoder<B>>,
+        encoder: Option<&Encoder<B>>,
         items: &[usize],
         device: &B::Device,
     ) -> Result<()> {
@@ -307,7 +307,7 @@ pub fn train_round<B: AutodiffBackend>(
             let mut mask_rng = rng_for(seed, stream::DROPOUT, ((round as u64) << 32) + step);
             let mask = keep_mask::<B>(
                 chunk.len(),
-                cfg.model.hidden,
+                model.embedding_dim(),
                 cfg.model.dropout,
                 &mut mask_rng,
                 device,
@@ -448,7 +448,7 @@ pub fn score<B: Backend>(
             );
             let mask = keep_mask::<B>(
                 chunk.len(),
-                cfg.model.hidden,
+                model.embedding_dim(),
                 cfg.model.dropout,
                 &mut rng,
                 device,

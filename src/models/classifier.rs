@@ -1,11 +1,11 @@
 //! The classifier fine-tuned on bought labels: the pretrained encoder (when it trains) and a
-//! two-layer head.
+//! two-layer or linear head.
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::ConvEncoder;
+use super::Encoder;
 
 /// What the classifier reads.
 pub enum ClassifierInput<B: Backend> {
@@ -15,35 +15,47 @@ pub enum ClassifierInput<B: Backend> {
     Images(Tensor<B, 4>),
 }
 
-/// `[features] -> Linear(hidden) -> ReLU -> dropout -> Linear(classes)`, after an optional
-/// encoder. Dropout takes its mask from the caller ([`Classifier::forward`]) so that training and
+/// `[features] -> Linear(hidden) -> ReLU -> dropout -> Linear(classes)` (or, with no hidden layer,
+/// the linear head `[features] -> dropout -> Linear(classes)`), after an optional encoder. Dropout takes its mask from the caller ([`Classifier::forward`]) so that training and
 /// MC-dropout scoring draw reproducible masks from the run's seed on every backend, and so that
 /// MC dropout also works on a backend without autodiff.
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
     /// `None` when the encoder is frozen and its features are precomputed.
-    pub encoder: Option<ConvEncoder<B>>,
-    pub hidden: Linear<B>,
+    pub encoder: Option<Encoder<B>>,
+    /// `None`: a linear head.
+    pub hidden: Option<Linear<B>>,
     pub out: Linear<B>,
 }
 
 impl<B: Backend> Classifier<B> {
-    /// A fresh head of width `hidden` for `feature_dim` inputs and `classes` outputs, on `encoder`.
+    /// A fresh head of width `hidden` (0: linear) for `feature_dim` inputs and `classes` outputs,
+    /// on `encoder`.
     pub fn new(
-        encoder: Option<ConvEncoder<B>>,
+        encoder: Option<Encoder<B>>,
         feature_dim: usize,
         hidden: usize,
         classes: usize,
         device: &B::Device,
     ) -> Self {
+        let (hidden, width) = match hidden {
+            0 => (None, feature_dim),
+            h => (Some(LinearConfig::new(feature_dim, h).init(device)), h),
+        };
         Self {
             encoder,
-            hidden: LinearConfig::new(feature_dim, hidden).init(device),
-            out: LinearConfig::new(hidden, classes).init(device),
+            hidden,
+            out: LinearConfig::new(width, classes).init(device),
         }
     }
 
-    /// The embedding (hidden activations after ReLU), `[batch, hidden]`.
+    /// Width of the embedding: the hidden layer's, or the features' for a linear head.
+    pub fn embedding_dim(&self) -> usize {
+        self.out.weight.dims()[0]
+    }
+
+    /// The embedding (hidden activations after ReLU; the features for a linear head),
+    /// `[batch, embedding_dim]`.
     ///
     /// # Panics
     /// If `input` does not fit the classifier (images without an encoder, features with one):
@@ -59,10 +71,13 @@ impl<B: Backend> Classifier<B> {
                 panic!("classifier with encoder given features {:?}", f.dims())
             }
         };
-        relu(self.hidden.forward(features))
+        match &self.hidden {
+            Some(hidden) => relu(hidden.forward(features)),
+            None => features,
+        }
     }
 
-    /// Logits `[batch, classes]` from an embedding `[batch, hidden]`; `keep_mask` (same shape,
+    /// Logits `[batch, classes]` from an embedding `[batch, embedding_dim]`; `keep_mask` (same shape,
     /// entries 0 or `1 / (1 - p)`) applies dropout, `None` is the deterministic prediction.
     pub fn logits(&self, embedding: Tensor<B, 2>, keep_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         match keep_mask {

@@ -1,11 +1,15 @@
-//! Models: the shared convolutional encoder and the pretraining models built on it.
+//! Models: the encoders and the pretraining models built on them, and the classifier.
 
 pub mod classifier;
 pub mod encoder;
+pub mod resnet;
+pub mod simclr;
 pub mod vae;
 
 pub use classifier::{Classifier, ClassifierInput};
-pub use encoder::{ConvEncoder, ConvEncoderConfig};
+pub use encoder::{ConvEncoder, ConvEncoderConfig, Encoder, EncoderConfig};
+pub use resnet::{ResNetEncoder, ResNetEncoderConfig};
+pub use simclr::{Simclr, SimclrConfig};
 pub use vae::{Vae, VaeConfig, VaeOutput};
 
 use anyhow::Result;

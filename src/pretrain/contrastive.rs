@@ -61,6 +61,18 @@ pub struct PairStats {
 
 /// [`PairStats`] of `[n, d]` embeddings of the two views (copied to the host as three numbers).
 pub fn pair_stats<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> Result<PairStats> {
+    let [alignment, uniformity, top1] = pair_stat_tensors(z1, z2);
+    let v = host_values(Tensor::cat(vec![alignment, uniformity, top1], 0))?;
+    Ok(PairStats {
+        alignment: v[0] as f64,
+        uniformity: v[1] as f64,
+        positive_top1: v[2] as f64,
+    })
+}
+
+/// [`PairStats`] as `[1]` tensors (alignment, uniformity, positive top-1), left on the device so
+/// that the training loop copies them to the host together with the loss.
+pub fn pair_stat_tensors<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> [Tensor<B, 1>; 3] {
     let [n, _] = z1.dims();
     let device = z1.device();
     let (a, b) = (normalize_rows(z1.clone()), normalize_rows(z2.clone()));
@@ -80,12 +92,7 @@ pub fn pair_stats<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> Result<Pair
         .equal(positives::<B>(n, &device))
         .float()
         .mean();
-    let v = host_values(Tensor::cat(vec![alignment, uniformity, hits], 0))?;
-    Ok(PairStats {
-        alignment: v[0] as f64,
-        uniformity: v[1] as f64,
-        positive_top1: v[2] as f64,
-    })
+    [alignment, uniformity, hits]
 }
 
 #[cfg(test)]

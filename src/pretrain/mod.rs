@@ -2,8 +2,12 @@
 //! shared parts here: the run's state, checkpoints, TensorBoard reports and the summary.
 
 pub mod contrastive;
+pub mod driver;
+pub mod knn;
+pub mod simclr;
 pub mod vae;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
@@ -44,6 +48,10 @@ pub struct PretrainSummary {
     pub images_per_second: f64,
     /// Mean losses over the last epoch, per image.
     pub last_epoch_losses: serde_json::Value,
+    /// The method's dashboard numbers after the last epoch (SimCLR: the test k-NN accuracy; for
+    /// reporting only).
+    #[serde(default)]
+    pub dashboard: BTreeMap<String, f64>,
     /// Sum and sum of squares of all weights: equal for runs that trained identically.
     pub weights_sum: f64,
     pub weights_sum_squares: f64,
@@ -55,6 +63,7 @@ pub fn pretrain(run: PretrainRun) -> Result<PretrainSummary> {
     let (kind, threads) = (run.cfg.device, run.cfg.train.threads);
     match run.cfg.method {
         Method::Vae => device::run_on(kind, threads, vae::VaePretrain(run)),
+        Method::Simclr => device::run_on(kind, threads, simclr::SimclrPretrain(run)),
     }
 }
 

@@ -108,9 +108,24 @@ pub fn smoke_finetune(root: &Path, data: &Path, encoder: &Path, run_name: &str) 
 
 /// `frugal ssl-pretrain` on the smoke pipeline with outputs under `root` and data from `data`.
 pub fn smoke(root: &Path, data: &Path, run_name: &str) -> Command {
+    smoke_with(&smoke_pipeline(), root, data, run_name)
+}
+
+/// `frugal ssl-pretrain` on the SimCLR smoke pipeline (`pipelines/smoke-simclr.toml`).
+pub fn smoke_simclr(root: &Path, data: &Path, run_name: &str) -> Command {
+    smoke_with(
+        &repo().join("pipelines/smoke-simclr.toml"),
+        root,
+        data,
+        run_name,
+    )
+}
+
+/// `frugal ssl-pretrain` on `pipeline` with outputs under `root` and data from `data`.
+pub fn smoke_with(pipeline: &Path, root: &Path, data: &Path, run_name: &str) -> Command {
     let mut cmd = frugal();
     cmd.args(["ssl-pretrain", "--pipeline"])
-        .arg(smoke_pipeline())
+        .arg(pipeline)
         .args(["--run", run_name, "--checkpoints"])
         .arg(root)
         .arg("--data-dir")
