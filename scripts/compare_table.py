@@ -22,7 +22,7 @@ def cell(values):
 
 
 rows, lines = [], []
-header = ["encoder", "method", "pretrain epochs", "pretrain wall time"]
+header = ["encoder", "method", "pretraining epochs", "pretraining time (training steps)"]
 lines.append("| " + " | ".join(header + [f"{b} labels" for b in a.budgets]) + " |")
 lines.append("|---" * (len(header) + len(a.budgets)) + "|")
 for encoder in a.encoders:

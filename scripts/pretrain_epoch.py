@@ -50,7 +50,7 @@ def main():
         losses = s["last_epoch_losses"]
         rows.append({"seed": seed, "wall_s": wall, "train_s": s["train_seconds"],
                      "img_per_s": s["images_per_second"], "peak_rss_mib": rss,
-                     "loss": losses["total"], "reconstruction": losses["reconstruction"], "kl": losses["kl"],
+                     "loss": losses.get("loss", losses.get("total")), "reconstruction": losses["reconstruction"], "kl": losses["kl"],
                      "images": s["images"], "epochs": s["epochs"]})
 
     cols = ["seed", "wall_s", "train_s", "img_per_s", "peak_rss_mib", "loss", "reconstruction", "kl"]

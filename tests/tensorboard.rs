@@ -286,9 +286,15 @@ fn tensorboard_reads_a_simclr_run() {
             "monitor/positive_top1",
             "monitor/uniformity",
             "train/images_per_second",
-            "train/learning_rate"
+            "train/learning_rate",
+            "train/view_wait_share"
         ]
     );
+    let wait = scalars["train/view_wait_share"].as_array().unwrap();
+    assert_eq!(wait.len(), 2, "one per epoch");
+    assert!(wait
+        .iter()
+        .all(|e| (0.0..1.0).contains(&e[1].as_f64().unwrap())));
     // Every step 1..=16 (512 images, batch 64, 2 epochs), with the values of metrics.csv.
     for (tag, column) in [
         ("loss/nt_xent", "loss"),

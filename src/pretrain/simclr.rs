@@ -40,6 +40,8 @@ impl BackendJob for SimclrPretrain {
             pair_idx: fixed_subsample(train.len(), cfg.report.view_pair_images, cfg.train.seed),
             train: train.clone(),
             views: None,
+            view_wait: 0.0,
+            since: std::time::Instant::now(),
             knn,
             device: device.clone(),
         };
@@ -113,6 +115,9 @@ struct SimclrObjective<B: AutodiffBackend> {
     train: Arc<FashionMnist>,
     /// The views of the planned batches, prepared ahead.
     views: Option<Prefetcher>,
+    /// Since the last report: seconds the steps waited for views, and the wall-clock start.
+    view_wait: f64,
+    since: std::time::Instant,
     knn: Option<KnnMonitor>,
     device: B::Device,
 }
@@ -168,7 +173,10 @@ impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {
         step: u64,
         indices: &[usize],
     ) -> Result<Vec<Tensor<B, 1>>> {
-        let Some((planned, mut a, b)) = self.views.as_mut().and_then(|v| v.next()) else {
+        let t0 = std::time::Instant::now();
+        let views = self.views.as_mut().and_then(|v| v.next());
+        self.view_wait += t0.elapsed().as_secs_f64();
+        let Some((planned, mut a, b)) = views else {
             bail!("internal error: no views prepared for step {step}");
         };
         if planned != step {
@@ -217,6 +225,16 @@ impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {
             tb.add_image("views/pairs", &grid, step)?;
         }
         let mut dashboard = Vec::new();
+        if step > 0 {
+            // How much of the wall time training waited for augmented views: near 0 when the
+            // thread preparing them keeps ahead.
+            let wall = self.since.elapsed().as_secs_f64();
+            dashboard.push((
+                "train/view_wait_share".to_string(),
+                self.view_wait / wall.max(1e-9),
+            ));
+        }
+        (self.view_wait, self.since) = (0.0, std::time::Instant::now());
         if let Some(knn) = &self.knn {
             let accuracy = knn.accuracy(&model.valid(), &self.device)?;
             dashboard.push(("monitor/knn_test_accuracy".to_string(), accuracy));
