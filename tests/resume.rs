@@ -4,16 +4,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
-
-/// The per-step columns of metrics.csv that must match (all but images/s).
-fn metric_rows(run_dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(run_dir.join("metrics.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-        .collect()
-}
 
 #[test]
 fn killed_and_resumed_matches_uninterrupted() {

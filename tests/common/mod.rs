@@ -134,6 +134,15 @@ pub fn smoke_with(pipeline: &Path, root: &Path, data: &Path, run_name: &str) -> 
     cmd
 }
 
+/// The per-step columns of a run's metrics.csv that must match between runs (all but images/s).
+pub fn metric_rows(run_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(run_dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
 /// Reads `summary.json` of a run.
 pub fn summary(run_dir: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(run_dir.join("summary.json")).unwrap();
