@@ -16,9 +16,10 @@ pub enum ClassifierInput<B: Backend> {
 }
 
 /// `[features] -> Linear(hidden) -> ReLU -> dropout -> Linear(classes)` (or, with no hidden layer,
-/// the linear head `[features] -> dropout -> Linear(classes)`), after an optional encoder. Dropout takes its mask from the caller ([`Classifier::forward`]) so that training and
-/// MC-dropout scoring draw reproducible masks from the run's seed on every backend, and so that
-/// MC dropout also works on a backend without autodiff.
+/// the linear head `[features] -> dropout -> Linear(classes)`), after an optional encoder.
+/// Dropout takes its mask from the caller ([`Classifier::forward`]) so that training and MC-dropout
+/// scoring draw reproducible masks from the run's seed on every backend, and so that MC dropout
+/// also works on a backend without autodiff.
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
     /// `None` when the encoder is frozen and its features are precomputed.

@@ -44,29 +44,24 @@ impl ResNetEncoderConfig {
 
     /// Builds the encoder on `device` with fresh weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ResNetEncoder<B> {
-        let mut stages = Vec::new();
-        let mut input = self.widths[0];
-        for (s, (&width, &blocks)) in self.widths.iter().zip(&self.blocks).enumerate() {
+        // Stage `s` starts from the previous stage's width; its first block strides by 2, except in
+        // stage 1 (28x28 all along).
+        let stage = |s: usize| -> Vec<BasicBlock<B>> {
+            let (input, width) = (self.widths[s.saturating_sub(1)], self.widths[s]);
             let stride = if s == 0 { 1 } else { 2 };
-            let stage = (0..blocks)
-                .map(|b| {
-                    let block =
-                        BasicBlock::new(input, width, if b == 0 { stride } else { 1 }, device);
-                    input = width;
-                    block
+            (0..self.blocks[s])
+                .map(|b| match b {
+                    0 => BasicBlock::new(input, width, stride, device),
+                    _ => BasicBlock::new(width, width, 1, device),
                 })
-                .collect();
-            stages.push(stage);
-        }
-        let [stage1, stage2, stage3]: [Vec<BasicBlock<B>>; 3] = stages
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("three stages"));
+                .collect()
+        };
         ResNetEncoder {
             stem: conv3x3(1, self.widths[0], 1, device),
             stem_bn: BatchNormConfig::new(self.widths[0]).init(device),
-            stage1,
-            stage2,
-            stage3,
+            stage1: stage(0),
+            stage2: stage(1),
+            stage3: stage(2),
         }
     }
 }
@@ -117,10 +112,6 @@ impl<B: Backend> BasicBlock<B> {
         };
         relu(y + skip)
     }
-
-    fn no_grad(self) -> Self {
-        Module::no_grad(self)
-    }
 }
 
 /// See [`ResNetEncoderConfig`].
@@ -148,8 +139,8 @@ impl<B: Backend> ResNetEncoder<B> {
     pub fn freeze_early(mut self) -> Self {
         self.stem = self.stem.no_grad();
         self.stem_bn = self.stem_bn.no_grad();
-        self.stage1 = self.stage1.into_iter().map(BasicBlock::no_grad).collect();
-        self.stage2 = self.stage2.into_iter().map(BasicBlock::no_grad).collect();
+        self.stage1 = self.stage1.no_grad();
+        self.stage2 = self.stage2.no_grad();
         self
     }
 }

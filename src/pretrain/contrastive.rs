@@ -1,11 +1,8 @@
 //! The contrastive objective of SimCLR and its label-free monitors, on a batch of paired
 //! embeddings: `z1[i]` and `z2[i]` are two augmented views of image `i`.
 
-use anyhow::Result;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
-
-use crate::models::host_values;
 
 /// Rows scaled to unit length: `[n, d] -> [n, d]`.
 pub fn normalize_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -46,32 +43,14 @@ pub fn nt_xent<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>, temperature: f64)
         .forward(logits, positives::<B>(n, &device))
 }
 
-/// Label-free health of a contrastive embedding (Wang and Isola, 2020), on one batch of pairs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PairStats {
-    /// Mean squared distance between the two (normalised) views of an image: lower is better
-    /// (views of one image agree).
-    pub alignment: f64,
-    /// `log` of the mean of `exp(-2 |zi - zj|^2)` over pairs of different views: lower is better
-    /// (embeddings spread over the sphere instead of collapsing).
-    pub uniformity: f64,
-    /// Share of views whose most similar other view is their own pair.
-    pub positive_top1: f64,
-}
-
-/// [`PairStats`] of `[n, d]` embeddings of the two views (copied to the host as three numbers).
-pub fn pair_stats<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> Result<PairStats> {
-    let [alignment, uniformity, top1] = pair_stat_tensors(z1, z2);
-    let v = host_values(Tensor::cat(vec![alignment, uniformity, top1], 0))?;
-    Ok(PairStats {
-        alignment: v[0] as f64,
-        uniformity: v[1] as f64,
-        positive_top1: v[2] as f64,
-    })
-}
-
-/// [`PairStats`] as `[1]` tensors (alignment, uniformity, positive top-1), left on the device so
-/// that the training loop copies them to the host together with the loss.
+/// Label-free health of a contrastive embedding (Wang and Isola, 2020), on one batch of `[n, d]`
+/// embeddings of the two views, as `[1]` tensors left on the device (the training loop copies
+/// them to the host together with the loss):
+/// - alignment: mean squared distance between the two (normalised) views of an image; lower is
+///   better (views of one image agree);
+/// - uniformity: `log` of the mean of `exp(-2 |zi - zj|^2)` over pairs of different views; lower
+///   is better (embeddings spread over the sphere instead of collapsing);
+/// - positive top-1: share of views whose most similar other view is their own pair.
 pub fn pair_stat_tensors<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> [Tensor<B, 1>; 3] {
     let [n, _] = z1.dims();
     let device = z1.device();
@@ -98,6 +77,33 @@ pub fn pair_stat_tensors<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> [Ten
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::host_values;
+    use anyhow::Result;
+
+    /// [`pair_stat_tensors`] on the host, named.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct PairStats {
+        /// Mean squared distance between the two (normalised) views of an image: lower is better
+        /// (views of one image agree).
+        alignment: f64,
+        /// `log` of the mean of `exp(-2 |zi - zj|^2)` over pairs of different views: lower is better
+        /// (embeddings spread over the sphere instead of collapsing).
+        uniformity: f64,
+        /// Share of views whose most similar other view is their own pair.
+        positive_top1: f64,
+    }
+
+    /// [`PairStats`] of `[n, d]` embeddings of the two views (copied to the host as three numbers).
+    fn pair_stats<B: Backend>(z1: Tensor<B, 2>, z2: Tensor<B, 2>) -> Result<PairStats> {
+        let [alignment, uniformity, top1] = pair_stat_tensors(z1, z2);
+        let v = host_values(Tensor::cat(vec![alignment, uniformity, top1], 0))?;
+        Ok(PairStats {
+            alignment: v[0] as f64,
+            uniformity: v[1] as f64,
+            positive_top1: v[2] as f64,
+        })
+    }
+
     use burn::backend::flex::FlexDevice;
     use burn::backend::Flex;
     use rand::Rng;

@@ -41,10 +41,10 @@ pub trait Objective<B: AutodiffBackend> {
     type Model: AutodiffModule<B> + Clone;
 
     /// Label of the progress bar.
-    fn name(&self) -> &'static str;
+    const NAME: &'static str;
 
     /// The step metrics; the first is the loss that is minimised.
-    fn metrics(&self) -> &'static [Metric];
+    const METRICS: &'static [Metric];
 
     /// A model with fresh weights (after the backend was seeded).
     fn init(&self, device: &B::Device) -> Self::Model;
@@ -54,7 +54,7 @@ pub trait Objective<B: AutodiffBackend> {
     fn plan(&mut self, batches: Vec<PlannedBatch>);
 
     /// The step metrics of batch `indices` at global step `step` (0-based), as `[1]` tensors in
-    /// the order of [`Objective::metrics`]; the first carries the graph the loop back-propagates.
+    /// the order of [`Objective::METRICS`]; the first carries the graph the loop back-propagates.
     fn step(
         &mut self,
         model: &Self::Model,
@@ -150,7 +150,7 @@ pub fn train<B: AutodiffBackend, O: Objective<B>>(
 ) -> Result<PretrainSummary> {
     let PretrainRun { cfg, run, resume } = run;
     let projector = ProjectorSample::load(&cfg.data.dir, cfg.report.projector_samples)?;
-    let metrics = objective.metrics();
+    let metrics = O::METRICS;
     let n = train.len();
     let bs = cfg.train.batch_size;
     let seed = cfg.train.seed;
@@ -262,7 +262,7 @@ pub fn train<B: AutodiffBackend, O: Objective<B>>(
     };
 
     let done = (p.epoch * n as u64 + p.batch_in_epoch * bs as u64).min(epochs * n as u64);
-    let bar = images_bar(epochs * n as u64, done, objective.name());
+    let bar = images_bar(epochs * n as u64, done, O::NAME);
     let mut last_ckpt = Instant::now();
     let mut last_line = Instant::now();
     let (mut window_images, mut window_seconds) = (0u64, 0.0f64);

@@ -10,7 +10,10 @@ use crate::models::host_values;
 
 /// Accuracy of a cosine-similarity k-NN classifier: each row of `query` (`[q, d]`) is labelled by
 /// the similarity-weighted vote of its `k` most similar rows of `bank` (`[b, d]`, labelled
-/// `bank_labels`), and compared with `query_labels`.
+/// `bank_labels`), and compared with `query_labels`. `NaN` when there is nothing to score.
+///
+/// # Panics
+/// If the label slices do not have one label per row (a bug in the caller).
 pub fn knn_accuracy<B: Backend>(
     bank: Tensor<B, 2>,
     bank_labels: &[u8],

@@ -122,35 +122,27 @@ struct SimclrObjective<B: AutodiffBackend> {
     device: B::Device,
 }
 
-const METRICS: &[Metric] = &[
-    Metric {
-        key: "loss",
-        tag: "loss/nt_xent",
-    },
-    Metric {
-        key: "alignment",
-        tag: "monitor/alignment",
-    },
-    Metric {
-        key: "uniformity",
-        tag: "monitor/uniformity",
-    },
-    Metric {
-        key: "positive_top1",
-        tag: "monitor/positive_top1",
-    },
-];
-
 impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {
     type Model = Simclr<B>;
-
-    fn name(&self) -> &'static str {
-        "simclr"
-    }
-
-    fn metrics(&self) -> &'static [Metric] {
-        METRICS
-    }
+    const NAME: &'static str = "simclr";
+    const METRICS: &'static [Metric] = &[
+        Metric {
+            key: "loss",
+            tag: "loss/nt_xent",
+        },
+        Metric {
+            key: "alignment",
+            tag: "monitor/alignment",
+        },
+        Metric {
+            key: "uniformity",
+            tag: "monitor/uniformity",
+        },
+        Metric {
+            key: "positive_top1",
+            tag: "monitor/positive_top1",
+        },
+    ];
 
     fn init(&self, device: &B::Device) -> Simclr<B> {
         self.cfg.init(device)
@@ -176,7 +168,7 @@ impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {
         let t0 = std::time::Instant::now();
         let views = self.views.as_mut().and_then(|v| v.next());
         self.view_wait += t0.elapsed().as_secs_f64();
-        let Some((planned, mut a, b)) = views else {
+        let Some((planned, views)) = views else {
             bail!("internal error: no views prepared for step {step}");
         };
         if planned != step {
@@ -184,9 +176,8 @@ impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {
         }
         let n = indices.len();
         // Both views in one pass: batch-norm statistics over all 2n views, as in SimCLR.
-        a.extend(b);
         let x = Tensor::<B, 4>::from_data(
-            TensorData::new(a, [2 * n, 1, IMAGE_SIDE, IMAGE_SIDE]),
+            TensorData::new(views, [2 * n, 1, IMAGE_SIDE, IMAGE_SIDE]),
             &self.device,
         );
         let z = model.project(model.embed(x));

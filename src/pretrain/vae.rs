@@ -58,31 +58,23 @@ struct VaeObjective<B: AutodiffBackend> {
     device: B::Device,
 }
 
-const METRICS: &[Metric] = &[
-    Metric {
-        key: "loss",
-        tag: "loss/total",
-    },
-    Metric {
-        key: "reconstruction",
-        tag: "loss/reconstruction",
-    },
-    Metric {
-        key: "kl",
-        tag: "loss/kl",
-    },
-];
-
 impl<B: AutodiffBackend> Objective<B> for VaeObjective<B> {
     type Model = Vae<B>;
-
-    fn name(&self) -> &'static str {
-        "vae"
-    }
-
-    fn metrics(&self) -> &'static [Metric] {
-        METRICS
-    }
+    const NAME: &'static str = "vae";
+    const METRICS: &'static [Metric] = &[
+        Metric {
+            key: "loss",
+            tag: "loss/total",
+        },
+        Metric {
+            key: "reconstruction",
+            tag: "loss/reconstruction",
+        },
+        Metric {
+            key: "kl",
+            tag: "loss/kl",
+        },
+    ];
 
     fn init(&self, device: &B::Device) -> Vae<B> {
         self.cfg.init(device)

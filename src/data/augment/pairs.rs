@@ -73,8 +73,9 @@ pub fn view_pairs(
     (a, b)
 }
 
-/// One prepared batch: `(step, view A, view B)`, the views as in [`view_pairs`].
-pub type ViewBatch = (u64, Vec<f32>, Vec<f32>);
+/// One prepared batch: `(step, views)`, the views of [`view_pairs`] in one `[2n, 784]` buffer,
+/// view A of every image first, then view B: the layout the training step feeds to the encoder.
+pub type ViewBatch = (u64, Vec<f32>);
 
 /// Prepares SimCLR batches on a background thread while the current one trains.
 ///
@@ -106,8 +107,10 @@ impl Prefetcher {
             .name("simclr-views".into())
             .spawn(move || {
                 for (step, indices) in plan {
-                    let (a, b) = view_pairs(&data, &indices, &cfg, seed, step);
-                    if tx.send((step, a, b)).is_err() {
+                    let (mut views, b) = view_pairs(&data, &indices, &cfg, seed, step);
+                    // Joined here, off the training thread.
+                    views.extend_from_slice(&b);
+                    if tx.send((step, views)).is_err() {
                         // The consumer is gone (dropped early): stop instead of working for no one.
                         break;
                     }
@@ -253,9 +256,10 @@ mod tests {
         let batches = plan(6, 32, 64);
         let mut pre = Prefetcher::start(data.clone(), cfg.clone(), 9, batches.clone());
         for (step, indices) in &batches {
-            let (s, a, b) = pre.next().expect("a planned batch is missing");
+            let (s, views) = pre.next().expect("a planned batch is missing");
             assert_eq!(s, *step);
-            assert_eq!((a, b), view_pairs(&data, indices, &cfg, 9, *step));
+            let (a, b) = view_pairs(&data, indices, &cfg, 9, *step);
+            assert_eq!(views, [a, b].concat());
         }
         assert!(pre.next().is_none());
         assert!(pre.next().is_none(), "stays finished");
