@@ -159,8 +159,13 @@ pub struct CommonArgs {
     /// /usr/share/datasets/fashion-mnist, from Debian's package dataset-fashion-mnist].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Where to compute: cpu (burn flex) or cuda (needs a binary built with --features cuda).
-    #[arg(long, value_enum)]
+    /// Where to compute [default: the pipeline's, else cpu]:
+    ///
+    /// cpu: burn's flex backend. cuda or cuda:N: the first NVIDIA GPU, or GPU number N (from 0);
+    /// needs a binary built with `--features cuda`, and at run time the NVIDIA driver, NVRTC and
+    /// the CUDA headers (a CUDA toolkit, or $CUDA_PATH). auto: the first GPU when this binary has
+    /// CUDA support and the GPU is usable, else the CPU; says which on stderr.
+    #[arg(long, value_name = "cpu|cuda[:N]|auto", value_parser = parse_device)]
     pub device: Option<DeviceKind>,
     /// Seed of every random choice (weights, data order, noise).
     #[arg(long)]
@@ -194,6 +199,11 @@ pub struct PretrainArgs {
     pub lr: Option<f64>,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `--device`: `cpu`, `cuda`, `cuda:N` or `auto` (see [`DeviceKind`]).
+fn parse_device(s: &str) -> std::result::Result<DeviceKind, String> {
+    s.parse()
 }
 
 /// Parses the command line and runs it.
@@ -251,6 +261,7 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
     };
     apply_finetune_flags(&mut cfg, &args);
     cfg.validate(None)?;
+    crate::device::ensure_available(cfg.device)?;
     if let Some(saved) = &saved {
         if saved.plan() != cfg.plan() {
             bail!(
@@ -270,13 +281,14 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
         }
         run.create_fresh()?;
     }
-    crate::device::ensure_available(cfg.device)?;
+    // The effective config records the device that runs it (`auto` resolved).
+    cfg.device = crate::device::resolve(cfg.device)?;
     crate::checkpoint::write_atomic(&run.config(), cfg.to_toml()?.as_bytes())
         .context("cannot save the effective config")?;
     log(
         None,
         &format!(
-            "finetune on {:?}: run {}, encoder {}, {} labels ({} first by {}, then {} per round by {}), freeze {:?}, seed {}",
+            "finetune on {}: run {}, encoder {}, {} labels ({} first by {}, then {} per round by {}), freeze {:?}, seed {}",
             cfg.device,
             run.root.display(),
             cfg.encoder.display(),
@@ -399,6 +411,8 @@ fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
     apply_flags(&mut cfg, &args);
     cfg.validate()?;
     crate::device::ensure_available(cfg.device)?;
+    // The effective config records the device that runs it (`auto` resolved).
+    cfg.device = crate::device::resolve(cfg.device)?;
 
     let resume = match &saved {
         Some(saved) => {
@@ -433,7 +447,7 @@ fn ssl_pretrain(args: PretrainArgs) -> Result<()> {
     log(
         None,
         &format!(
-            "ssl-pretrain --method {} on {:?}: run {} ({} epochs, batch {}, seed {})",
+            "ssl-pretrain --method {} on {}: run {} ({} epochs, batch {}, seed {})",
             cfg.method.name(),
             cfg.device,
             run.root.display(),

@@ -28,14 +28,75 @@ impl Method {
     }
 }
 
-/// Where the tensors live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+/// Where the tensors live: `cpu`, `cuda` (the first GPU), `cuda:N` (GPU number N, from 0) or
+/// `auto` (the first GPU when this binary has CUDA support and a GPU is usable, else the CPU).
+/// Written the same way in pipeline files (`device = "cuda:1"`) and on the command line
+/// (`--device cuda:1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceKind {
     /// burn's `flex` CPU backend.
+    #[default]
     Cpu,
-    /// An NVIDIA GPU through burn's CUDA backend (binary built with `--features cuda`).
-    Cuda,
+    /// An NVIDIA GPU, by index (0 is the first), through burn's CUDA backend (binary built with
+    /// `--features cuda`).
+    Cuda(usize),
+    /// The first GPU if this binary has CUDA support and one is usable, else the CPU; resolved
+    /// (and announced on stderr) when the run starts.
+    Auto,
+}
+
+impl DeviceKind {
+    /// The accepted spellings, for error messages and help.
+    pub const FORMS: &'static str =
+        "cpu, cuda (the first GPU), cuda:N (GPU number N, from 0) or auto (a GPU if usable, else the CPU)";
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceKind::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda(0)),
+            "auto" => Ok(DeviceKind::Auto),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => n
+                    .parse()
+                    .map(DeviceKind::Cuda)
+                    .map_err(|_| format!("GPU index too large in device {s:?}")),
+                Some(_) => Err(format!(
+                    "bad GPU index in device {s:?}: expected cuda:N with N a number (cuda:0 is the first GPU)"
+                )),
+                None => Err(format!(
+                    "unknown device {s:?}: expected {}",
+                    DeviceKind::FORMS
+                )),
+            },
+        }
+    }
+}
+
+impl Serialize for DeviceKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Learning-rate schedules.
@@ -391,6 +452,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("vgg"), "{err}");
+    }
+
+    #[test]
+    fn devices_parse_in_flags_and_pipelines() {
+        for (text, kind) in [
+            ("cpu", DeviceKind::Cpu),
+            ("cuda", DeviceKind::Cuda(0)),
+            ("cuda:0", DeviceKind::Cuda(0)),
+            ("cuda:3", DeviceKind::Cuda(3)),
+            ("auto", DeviceKind::Auto),
+        ] {
+            assert_eq!(text.parse::<DeviceKind>(), Ok(kind), "{text}");
+            let cfg: PretrainConfig = toml::from_str(&format!("device = \"{text}\"\n")).unwrap();
+            assert_eq!(cfg.device, kind, "{text} in a pipeline");
+            let back: PretrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+            assert_eq!(back.device, kind, "{text} survives a save/load");
+        }
+        assert_eq!(DeviceKind::Cuda(2).to_string(), "cuda:2");
+        for bad in [
+            "gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda:1:2", "cuda0", "",
+        ] {
+            let err = bad.parse::<DeviceKind>().unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+            assert!(err.contains("cuda:N") || err.contains("cuda:0"), "{err}");
+        }
+        let err = toml::from_str::<PretrainConfig>("device = \"gpu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device") && err.contains("\"gpu\"") && err.contains("cuda:N"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -248,17 +248,74 @@ fn bad_flags_and_pipelines() {
         std::fs::write(&path, simclr.replace(from, to)).unwrap();
         fails_with(&mut smoke_with(&path, tmp.path(), &dir, "s"), &[wants]);
     }
+}
+
+/// `--device`: `cuda`/`cuda:N` on a binary without CUDA support is one clear error and writes
+/// nothing; a malformed value is a usage error naming the accepted forms, on the command line and
+/// in a pipeline file; `auto` runs, on the CPU when this binary has no CUDA support, and says so.
+#[test]
+fn device_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = data(root);
     #[cfg(not(feature = "cuda"))]
-    {
+    for device in ["cuda", "cuda:1"] {
         fails_with(
-            smoke(tmp.path(), &dir, "c").args(["--device", "cuda"]),
+            smoke(root, &dir, "c").args(["--device", device]),
             &["without CUDA support", "--features cuda"],
         );
         assert!(
-            !tmp.path().join("c").exists(),
+            !root.join("c").exists(),
             "nothing written for an unusable device"
         );
+        fails_with(
+            smoke_finetune(root, &dir, &root.join("no-encoder"), "f").args(["--device", device]),
+            &["without CUDA support", "--features cuda"],
+        );
+        assert!(!root.join("f").exists(), "no finetune run either");
     }
+    for bad in ["cuda:x", "gpu", "cuda:", "CPU"] {
+        let out = run(smoke(root, &dir, "b").args(["--device", bad]));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains(&format!("invalid value '{bad}' for '--device")),
+            "{bad}: {err}"
+        );
+        assert!(err.contains("cuda:N") || err.contains("cuda:0"), "{err}");
+    }
+    let pipeline = std::fs::read_to_string(smoke_pipeline()).unwrap();
+    assert!(pipeline.contains("device = \"cpu\""));
+    let bad = root.join("bad-device.toml");
+    std::fs::write(
+        &bad,
+        pipeline.replace("device = \"cpu\"", "device = \"cuda:x\""),
+    )
+    .unwrap();
+    fails_with(
+        &mut smoke_with(&bad, root, &dir, "p"),
+        &["bad-device.toml", "cuda:x", "cuda:N"],
+    );
+
+    // A tiny job (256 images, one epoch: well under a second of training).
+    let out = run(smoke(root, &dir, "auto").args(["--device", "auto", "--epochs", "1"]));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let chosen = if cfg!(feature = "cuda") && err.contains("--device auto: using cuda:0") {
+        "cuda:0"
+    } else {
+        assert!(err.contains("--device auto: using the CPU ("), "{err}");
+        #[cfg(not(feature = "cuda"))]
+        assert!(err.contains("without CUDA support"), "{err}");
+        "cpu"
+    };
+    assert_eq!(summary(&root.join("auto"))["device"], chosen);
+    let saved = std::fs::read_to_string(root.join("auto/config.toml")).unwrap();
+    assert!(
+        saved.contains(&format!("device = \"{chosen}\"")),
+        "the effective config records the device that ran: {saved}"
+    );
 }
 
 /// `frugal finetune` refuses impossible budgets, missing or foreign encoders and label databases

@@ -458,7 +458,7 @@ impl BackendJob for FinetuneJob {
         let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
         let summary = FinetuneSummary {
             run_dir: run.root.display().to_string(),
-            device: format!("{:?}", cfg.device).to_lowercase(),
+            device: cfg.device.to_string(),
             encoder: pretrained.identity.clone(),
             encoder_run: cfg.encoder.display().to_string(),
             strategy: method.into(),

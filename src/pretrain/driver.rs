@@ -417,7 +417,7 @@ pub fn train<B: AutodiffBackend, O: Objective<B>>(
     let summary = PretrainSummary {
         method: cfg.method.name().into(),
         run_dir: run.root.display().to_string(),
-        device: format!("{:?}", cfg.device).to_lowercase(),
+        device: cfg.device.to_string(),
         images: n,
         epochs,
         global_step: p.global_step,
