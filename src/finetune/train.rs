@@ -240,11 +240,16 @@ fn keep_mask<B: Backend>(
     rng: &mut impl Rng,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let values: Vec<f32> = (0..rows * width)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
-        .collect();
+    let values = keep_mask_values(rows * width, p, rng);
     Tensor::from_data(TensorData::new(values, [rows, width]), device)
+}
+
+/// `len` dropout keep-mask entries, 0 or `1 / (1 - p)`, drawn from `rng`.
+fn keep_mask_values(len: usize, p: f64, rng: &mut impl Rng) -> Vec<f32> {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    (0..len)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+        .collect()
 }
 
 fn targets<B: Backend>(labels: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
@@ -295,7 +300,9 @@ pub fn train_round<B: AutodiffBackend>(
         if !single_pass {
             rows.truncate(steps * t.batch_size);
         }
-        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+        // Each step's loss stays on the device until the epoch ends: one copy to the host per
+        // epoch instead of a device synchronisation per step.
+        let mut losses: Vec<(Tensor<B::InnerBackend, 1>, usize)> = Vec::new();
         for chunk in rows.chunks(t.batch_size) {
             let pairs: Vec<(usize, usize)> = chunk.iter().map(|&(i, c, _)| (i, c)).collect();
             let labels: Vec<u8> = chunk.iter().map(|&(_, _, l)| l).collect();
@@ -316,16 +323,26 @@ pub fn train_round<B: AutodiffBackend>(
             let loss = ce.forward(logits, targets::<B>(&labels, device));
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(t.learning_rate, model, grads);
-            let loss: f64 = host_values(loss)?.first().copied().unwrap_or(f32::NAN) as f64;
+            losses.push((loss.inner(), chunk.len()));
+            step += 1;
+        }
+        let (sizes, losses): (Vec<usize>, Vec<_>) = losses.into_iter().map(|(l, n)| (n, l)).unzip();
+        let values = if losses.is_empty() {
+            Vec::new()
+        } else {
+            host_values(Tensor::cat(losses, 0))?
+        };
+        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+        for (&loss, n) in values.iter().zip(sizes) {
+            let loss = loss as f64;
             if !loss.is_finite() {
                 bail!(
                     "the training loss became {loss} in round {round}, epoch {epoch}: try a lower \
                      train.learning_rate"
                 );
             }
-            loss_sum += loss * chunk.len() as f64;
-            seen += chunk.len();
-            step += 1;
+            loss_sum += loss * n as f64;
+            seen += n;
         }
         let train_loss = loss_sum / seen.max(1) as f64;
         let report = if val.is_empty() {
@@ -433,34 +450,46 @@ pub fn score<B: Backend>(
     device: &B::Device,
 ) -> Result<Scores> {
     let classes = crate::data::CLASS_NAMES.len();
+    let width = model.embedding_dim();
     let mut out = Scores::default();
     let mut mc_chunks: Vec<Vec<f32>> = vec![Vec::new(); mc];
     for (c, chunk) in items.chunks(cfg.train.eval_batch_size).enumerate() {
+        let n = chunk.len();
         let rows: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();
         let emb = model.embed(inputs.batch::<B>(set, &rows, device)?);
-        out.probs
-            .extend(host_values(softmax(model.logits(emb.clone(), None), 1))?);
-        for (s, dst) in mc_chunks.iter_mut().enumerate() {
-            let mut rng = rng_for(
-                cfg.train.seed,
-                stream::DROPOUT,
-                (1u64 << 63) + ((c as u64) << 16) + s as u64,
-            );
-            let mask = keep_mask::<B>(
-                chunk.len(),
-                model.embedding_dim(),
-                cfg.model.dropout,
-                &mut rng,
-                device,
-            );
-            dst.extend(host_values(softmax(
-                model.logits(emb.clone(), Some(mask)),
-                1,
-            ))?);
+        // Everything this batch gives back, flattened, for one copy to the host: the
+        // probabilities, then each MC-dropout sample's, then (if asked) the embeddings.
+        let mut parts = vec![softmax(model.logits(emb.clone(), None), 1).reshape([n * classes])];
+        if mc > 0 {
+            // The masks of all samples in one host buffer and one upload; sample `s` draws from
+            // its own seeded stream, as before.
+            let mut values = Vec::with_capacity(mc * n * width);
+            for s in 0..mc {
+                let mut rng = rng_for(
+                    cfg.train.seed,
+                    stream::DROPOUT,
+                    (1u64 << 63) + ((c as u64) << 16) + s as u64,
+                );
+                values.extend(keep_mask_values(n * width, cfg.model.dropout, &mut rng));
+            }
+            let masks = Tensor::<B, 2>::from_data(TensorData::new(values, [mc * n, width]), device);
+            for s in 0..mc {
+                let mask = masks.clone().narrow(0, s * n, n);
+                parts
+                    .push(softmax(model.logits(emb.clone(), Some(mask)), 1).reshape([n * classes]));
+            }
         }
         if embeddings {
-            out.embeddings.extend(host_values(emb)?);
+            parts.push(emb.reshape([n * width]));
         }
+        let host = host_values(Tensor::cat(parts, 0))?;
+        let (probs, rest) = host.split_at(n * classes);
+        out.probs.extend_from_slice(probs);
+        let (mc_part, emb_part) = rest.split_at(mc * n * classes);
+        for (dst, sample) in mc_chunks.iter_mut().zip(mc_part.chunks(n * classes)) {
+            dst.extend_from_slice(sample);
+        }
+        out.embeddings.extend_from_slice(emb_part);
     }
     for chunk in mc_chunks {
         out.mc_probs.extend(chunk);
