@@ -271,3 +271,29 @@ mod cuda {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_always_usable_and_resolves_to_a_concrete_device() {
+        ensure_available(DeviceKind::Auto).unwrap();
+        ensure_available(DeviceKind::Cpu).unwrap();
+        let chosen = resolve(DeviceKind::Auto).unwrap();
+        assert_ne!(chosen, DeviceKind::Auto);
+        if cfg!(not(feature = "cuda")) {
+            assert_eq!(chosen, DeviceKind::Cpu);
+        }
+        assert_eq!(resolve(DeviceKind::Cuda(3)).unwrap(), DeviceKind::Cuda(3));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        for kind in [DeviceKind::Cuda(0), DeviceKind::Cuda(1)] {
+            let err = ensure_available(kind).unwrap_err().to_string();
+            assert!(err.contains("built without CUDA support"), "{err}");
+        }
+    }
+}
