@@ -165,7 +165,7 @@ pub struct CommonArgs {
     /// needs a binary built with `--features cuda`, and at run time the NVIDIA driver, NVRTC and
     /// the CUDA headers (a CUDA toolkit, or $CUDA_PATH). auto: the first GPU when this binary has
     /// CUDA support and the GPU is usable, else the CPU; says which on stderr.
-    #[arg(long, value_name = "cpu|cuda[:N]|auto", value_parser = parse_device)]
+    #[arg(long, value_name = "cpu|cuda[:N]|auto")]
     pub device: Option<DeviceKind>,
     /// Seed of every random choice (weights, data order, noise).
     #[arg(long)]
@@ -199,11 +199,6 @@ pub struct PretrainArgs {
     pub lr: Option<f64>,
     #[command(flatten)]
     pub common: CommonArgs,
-}
-
-/// `--device`: `cpu`, `cuda`, `cuda:N` or `auto` (see [`DeviceKind`]).
-fn parse_device(s: &str) -> std::result::Result<DeviceKind, String> {
-    s.parse()
 }
 
 /// Parses the command line and runs it.

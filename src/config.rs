@@ -86,6 +86,15 @@ impl std::str::FromStr for DeviceKind {
     }
 }
 
+/// `#[arg(long)] device: DeviceKind` (or `Option<DeviceKind>`) parses with [`str::parse`]: clap's
+/// `value_enum` cannot take `cuda:N`.
+impl clap::builder::ValueParserFactory for DeviceKind {
+    type Parser = fn(&str) -> std::result::Result<DeviceKind, String>;
+    fn value_parser() -> Self::Parser {
+        |s| s.parse()
+    }
+}
+
 impl Serialize for DeviceKind {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)
