@@ -46,6 +46,18 @@ pub enum Command {
     /// The label database: import the ground truth, show what was bought.
     #[command(subcommand)]
     Labels(LabelsCommand),
+    /// Benchmarks: `frugal bench speed` times training steps and the scoring pass.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `frugal bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images per second of a training step (reference models of ../shared/notes/burn-cpu.md, or
+    /// the project's pretraining) or of the pool-scoring pass; prints one `RESULT key=value ...`
+    /// line, as scripts/peer_torch.py does for PyTorch (scripts/speed-compare.sh runs both).
+    Speed(crate::bench::SpeedArgs),
 }
 
 /// `frugal labels ...`.
@@ -212,6 +224,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from(crate::data::DEFAULT_DATA_DIR));
             let db = labels::import(&args.label_db, &dir, args.limit, args.budget)?;
             println!("{}", db.status()?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Speed(args)) => {
+            println!("{}", crate::bench::speed(args)?.line());
             Ok(())
         }
         Command::Labels(LabelsCommand::Status(args)) => {

@@ -5,12 +5,14 @@
 //! training ([`pretrain`]) -> metrics and logs ([`tensorboard`], [`run`]).
 
 pub mod active;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod finetune;
+pub mod kernels;
 pub mod labels;
 pub mod models;
 pub mod pretrain;

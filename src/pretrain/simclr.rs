@@ -34,23 +34,13 @@ impl BackendJob for SimclrPretrain {
             cfg.data.limit,
         )?);
         let knn = KnnMonitor::load(cfg)?;
-        let objective = SimclrObjective::<B> {
-            cfg: cfg.simclr.clone(),
-            seed: cfg.train.seed,
-            pair_idx: fixed_subsample(train.len(), cfg.report.view_pair_images, cfg.train.seed),
-            train: train.clone(),
-            views: None,
-            view_wait: 0.0,
-            since: std::time::Instant::now(),
-            knn,
-            device: device.clone(),
-        };
+        let objective = SimclrObjective::<B>::new(cfg, train.clone(), knn, &device);
         driver::train(self.0, train, objective, device)
     }
 }
 
 /// The test images of the k-NN dashboard, split once into the labelled bank and the scored rest.
-struct KnnMonitor {
+pub(crate) struct KnnMonitor {
     test: FashionMnist,
     bank: Vec<usize>,
     query: Vec<usize>,
@@ -107,7 +97,7 @@ impl KnnMonitor {
 }
 
 /// SimCLR's loss and reports.
-struct SimclrObjective<B: AutodiffBackend> {
+pub(crate) struct SimclrObjective<B: AutodiffBackend> {
     cfg: SimclrConfig,
     seed: u64,
     /// Training images whose view pairs are shown.
@@ -120,6 +110,29 @@ struct SimclrObjective<B: AutodiffBackend> {
     since: std::time::Instant,
     knn: Option<KnnMonitor>,
     device: B::Device,
+}
+
+impl<B: AutodiffBackend> SimclrObjective<B> {
+    /// The objective of `cfg` on the images `train`, with the k-NN dashboard when `knn` is given
+    /// (`frugal bench speed` runs without it).
+    pub(crate) fn new(
+        cfg: &crate::config::PretrainConfig,
+        train: Arc<FashionMnist>,
+        knn: Option<KnnMonitor>,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            cfg: cfg.simclr.clone(),
+            seed: cfg.train.seed,
+            pair_idx: fixed_subsample(train.len(), cfg.report.view_pair_images, cfg.train.seed),
+            train,
+            views: None,
+            view_wait: 0.0,
+            since: std::time::Instant::now(),
+            knn,
+            device: device.clone(),
+        }
+    }
 }
 
 impl<B: AutodiffBackend> Objective<B> for SimclrObjective<B> {

@@ -31,7 +31,30 @@ impl BackendJob for VaePretrain {
             Split::Train,
             cfg.data.limit,
         )?);
-        let objective = VaeObjective::<B> {
+        let objective = VaeObjective::<B>::new(cfg, train.clone(), &device);
+        driver::train(self.0, train, objective, device)
+    }
+}
+
+/// The VAE's loss (negative ELBO per image, with a KL weight) and reports.
+pub(crate) struct VaeObjective<B: AutodiffBackend> {
+    cfg: VaeConfig,
+    kl_weight: f64,
+    seed: u64,
+    /// Training images shown with their reconstructions.
+    recon_idx: Vec<usize>,
+    train: Arc<FashionMnist>,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> VaeObjective<B> {
+    /// The objective of `cfg` on the images `train` (also used by `frugal bench speed`).
+    pub(crate) fn new(
+        cfg: &crate::config::PretrainConfig,
+        train: Arc<FashionMnist>,
+        device: &B::Device,
+    ) -> Self {
+        Self {
             cfg: cfg.vae.clone(),
             kl_weight: cfg.train.kl_weight,
             seed: cfg.train.seed,
@@ -40,22 +63,10 @@ impl BackendJob for VaePretrain {
                 cfg.report.reconstruction_images,
                 cfg.train.seed,
             ),
-            train: train.clone(),
+            train,
             device: device.clone(),
-        };
-        driver::train(self.0, train, objective, device)
+        }
     }
-}
-
-/// The VAE's loss (negative ELBO per image, with a KL weight) and reports.
-struct VaeObjective<B: AutodiffBackend> {
-    cfg: VaeConfig,
-    kl_weight: f64,
-    seed: u64,
-    /// Training images shown with their reconstructions.
-    recon_idx: Vec<usize>,
-    train: Arc<FashionMnist>,
-    device: B::Device,
 }
 
 impl<B: AutodiffBackend> Objective<B> for VaeObjective<B> {
