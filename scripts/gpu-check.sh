@@ -11,8 +11,10 @@
 #
 # 1. bench: `frugal bench speed --model M` for each of --models (default: reference-vae
 #    reference-simclr vae simclr score mc-dropout) and `python3 scripts/peer_torch.py M` for each
-#    of --torch-models (default: vae simclr score mc-dropout), on --device; each prints
-#    `RESULT key=value ...` lines. A failing bench is recorded and the others go on.
+#    of --torch-models (default: vae simclr score mc-dropout), on --device; each prints a
+#    `RESULT key=value ...` line (img_per_s is read). A failing bench is recorded and the others
+#    go on. In the table, reference-M is compared with the peer's M; frugal's own vae and simclr
+#    steps are shown next to the peer's reference models too (a note says so).
 # 2. pipeline: `frugal ssl-pretrain --method simclr --epochs N` (default 8, over all 60,000
 #    images), then `frugal finetune --labels N` (default 2000) on that encoder; wall time per stage
 #    and the final test accuracy (from the finetune run's summary.json).
@@ -120,7 +122,7 @@ step() {
 # the usual spellings), or nothing.
 rate() {
   grep '^RESULT ' "$1" 2>/dev/null | tail -1 | tr ' ' '\n' | awk -F= '
-    $1 == "images_per_second" || $1 == "images_per_s" || $1 == "img_per_s" ||
+    $1 == "img_per_s" || $1 == "images_per_second" || $1 == "images_per_s" ||
     $1 == "imgs_per_s" || $1 == "img_s" || $1 == "throughput" { print $2; exit }'
 }
 
@@ -198,7 +200,14 @@ if [ "$only" != pipeline ]; then
   done
   for m in $torch_models; do
     f=$work/bench-torch-$m.txt
-    step "$f" "$python" scripts/peer_torch.py "$m" --device "$device" "${bench_opts[@]}"
+    # The peer takes `M [batch] [warmup] [steps]` (its defaults: batch 1024 for scoring, else 256;
+    # warm-up 5; 30 steps).
+    torch_opts=()
+    if [ -n "$batch$warmup$steps" ]; then
+      case "$m" in score|mc-dropout) b=1024 ;; *) b=256 ;; esac
+      torch_opts=("${batch:-$b}" "${warmup:-5}" "${steps:-30}")
+    fi
+    step "$f" "$python" scripts/peer_torch.py "$m" "${torch_opts[@]}" --device "$device" --data-dir "$data"
     record torch "$m" "$f"
   done
 fi
@@ -280,6 +289,7 @@ md=$out/gpu-check.md
           if ((("ours" SUBSEP m) in status) && status["ours" SUBSEP m] != "ok") note = note "ours " status["ours" SUBSEP m] "; "
           if ((("torch" SUBSEP peer) in status) && status["torch" SUBSEP peer] != "ok") note = note "torch " status["torch" SUBSEP peer] "; "
           if (peer != m && t != "") note = note "torch column: peer_torch.py " peer "; "
+          if ((m == "vae" || m == "simclr") && t != "") note = note "ours: frugal'"'"'s own pretraining step, torch: the reference model; "
           sub(/; $/, "", note)
           ratio = (o != "" && t != "" && t + 0 > 0) ? sprintf("%.2f", o / t) : ""
           printf "| %s | %s | %s | %s | %s |\n", m, (o == "" ? "-" : o), (t == "" ? "-" : t), (ratio == "" ? "-" : ratio), note
