@@ -86,7 +86,7 @@ pub struct SpeedArgs {
     /// Timed steps; images/s is batch * steps over their summed time.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Where to run: cpu or cuda (a binary built with --features cuda).
+    /// Where to run: cpu, cuda, cuda:N (GPU N; a binary built with --features cuda) or auto.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
     /// CPU threads for the kernels (the peer uses 2; 0: one per core).
@@ -246,7 +246,7 @@ impl BackendJob for SpeedJob {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<SpeedResult> {
         B::seed(&device, self.args.seed);
-        let name = format!("{:?}", self.args.device).to_lowercase();
+        let name = self.args.device.to_string();
         let batches = self.batches();
         let (seconds, losses) = match self.args.model {
             BenchModel::ReferenceVae => {
@@ -355,11 +355,7 @@ type Timed = (Vec<f64>, Option<(f64, f64)>);
 
 /// Times training steps of `model`: forward (`loss_of` gives the step's metrics, the loss first),
 /// backward, Adam (lr 1e-3), and the metrics copied to the host, as the training loop does.
-fn train_steps<B, M, F>(
-    mut model: M,
-    batches: &[Vec<usize>],
-    mut loss_of: F,
-) -> Result<Timed>
+fn train_steps<B, M, F>(mut model: M, batches: &[Vec<usize>], mut loss_of: F) -> Result<Timed>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,

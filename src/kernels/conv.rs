@@ -278,6 +278,18 @@ struct View<'a> {
     cs: usize,
 }
 
+impl<'a> View<'a> {
+    /// Row-major with row stride `rs`.
+    fn rows(data: &'a [f32], rs: usize) -> Self {
+        Self { data, rs, cs: 1 }
+    }
+
+    /// Column-major with column stride `cs` (the transpose of a row-major matrix).
+    fn cols(data: &'a [f32], cs: usize) -> Self {
+        Self { data, rs: 1, cs }
+    }
+}
+
 /// `dst[m x n] (row stride ldd) = (accumulate ? dst : 0) + a[m x k] · b[k x n]`.
 fn matmul(
     (m, n, k): (usize, usize, usize),
@@ -512,43 +524,62 @@ pub fn conv_backward_weight(
     assert_eq!(x.len(), n * il, "conv_backward_weight: input length");
     assert_eq!(dy.len(), n * o * p, "conv_backward_weight: gradient length");
     let nb = g.chunk(n);
-    let zero = || (vec![0.0f32; o * k], vec![0.0f32; o]);
-    x.par_chunks(nb * il)
-        .zip(dy.par_chunks(nb * o * p))
-        .fold(zero, |(mut dw, mut db), (xc, dyc)| {
-            let b = xc.len() / il;
-            let ld = b * p;
-            simd(|| {
-                with_scratch([k * ld, o * ld, phased_len(g)], |col, rows, buf| {
-                    for i in 0..b {
-                        let img = phased(g, &xc[i * il..(i + 1) * il], buf);
-                        im2col(g, img, col, ld, i * p);
-                    }
-                    gather_rows(dyc, b, o, p, rows);
-                    let r = View {
-                        data: rows,
-                        rs: ld,
-                        cs: 1,
-                    };
-                    // colᵀ: element (r, c) of the [b * p, k] matrix is col[c * ld + r].
-                    let ct = View {
-                        data: col,
-                        rs: 1,
-                        cs: ld,
-                    };
-                    matmul((o, k, ld), &mut dw, k, true, r, ct);
-                    for (oc, s) in db.iter_mut().enumerate() {
-                        *s += rows[oc * ld..(oc + 1) * ld].iter().sum::<f32>();
-                    }
-                })
-            });
-            (dw, db)
+    let xs: Vec<&[f32]> = x.chunks(nb * il).collect();
+    let dys: Vec<&[f32]> = dy.chunks(nb * o * p).collect();
+    ordered_sums([o * k, o], xs.len(), |chunk, [dw, db]| {
+        let (xc, dyc) = (xs[chunk], dys[chunk]);
+        let b = xc.len() / il;
+        let ld = b * p;
+        simd(|| {
+            with_scratch([k * ld, o * ld, phased_len(g)], |col, rows, buf| {
+                for i in 0..b {
+                    let img = phased(g, &xc[i * il..(i + 1) * il], buf);
+                    im2col(g, img, col, ld, i * p);
+                }
+                gather_rows(dyc, b, o, p, rows);
+                let r = View::rows(rows, ld);
+                // colᵀ: element (r, c) of the [b * p, k] matrix is col[c * ld + r].
+                let ct = View::cols(col, ld);
+                matmul((o, k, ld), dw, k, true, r, ct);
+                for (oc, s) in db.iter_mut().enumerate() {
+                    *s += rows[oc * ld..(oc + 1) * ld].iter().sum::<f32>();
+                }
+            })
         })
-        .reduce(zero, |(mut a, mut b), (c, d)| {
-            a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
-            b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
-            (a, b)
+    })
+}
+
+/// Sums over `chunks` work items in parallel, each adding into two accumulators of `lens`
+/// floats, with the same result on every run and any number of threads: the items go to a
+/// fixed number of groups in order, each group sums its items in order, and the groups' partial
+/// sums are added in order. (Rayon's `fold`/`reduce` splits work by stealing, which would change
+/// the order of the float additions, and so the gradients, from run to run.)
+fn ordered_sums(
+    lens: [usize; 2],
+    chunks: usize,
+    add: impl Fn(usize, [&mut [f32]; 2]) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    const GROUPS: usize = 8;
+    let per_group = chunks.div_ceil(GROUPS).max(1);
+    let partials: Vec<[Vec<f32>; 2]> = (0..chunks.div_ceil(per_group))
+        .into_par_iter()
+        .map(|group| {
+            let mut acc = [vec![0.0f32; lens[0]], vec![0.0f32; lens[1]]];
+            for chunk in group * per_group..((group + 1) * per_group).min(chunks) {
+                let [a, b] = &mut acc;
+                add(chunk, [a, b]);
+            }
+            acc
         })
+        .collect();
+    let mut total = [vec![0.0f32; lens[0]], vec![0.0f32; lens[1]]];
+    for part in partials {
+        for (t, p) in total.iter_mut().zip(part) {
+            t.iter_mut().zip(p).for_each(|(x, y)| *x += y);
+        }
+    }
+    let [a, b] = total;
+    (a, b)
 }
 
 /// `weight [o, c, kh, kw]` -> `[c, o, kh, kw]` with both kernel axes reversed: the weight of the
