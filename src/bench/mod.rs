@@ -14,10 +14,9 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
-use rand::seq::SliceRandom;
 
 use crate::config::{DeviceKind, Method, PretrainConfig};
-use crate::data::batch::{images_tensor, rng_for};
+use crate::data::batch::{epoch_order, images_tensor, rng_for, stream};
 use crate::data::{FashionMnist, Split, IMAGE_SIDE};
 use crate::device::{self, BackendJob};
 use crate::finetune::config::FinetuneConfig;
@@ -213,8 +212,7 @@ impl SpeedJob {
         (0..self.args.warmup + self.args.steps)
             .map(|_| {
                 if order.len() < self.batch {
-                    order = (0..n).collect();
-                    order.shuffle(&mut rng_for(self.args.seed, 0, epoch));
+                    order = epoch_order(n, self.args.seed, epoch);
                     epoch += 1;
                 }
                 order.split_off(order.len() - self.batch)
@@ -269,7 +267,7 @@ impl BackendJob for SpeedJob {
             BenchModel::ReferenceSimclr => {
                 let cfg = reference::simclr();
                 let model = cfg.init::<B>(&device);
-                let mut rng = rng_for(self.args.seed, 1, 0);
+                let mut rng = rng_for(self.args.seed, stream::VIEWS, 0);
                 let train = self.train.clone();
                 let temperature = cfg.temperature;
                 train_steps(model, &batches, |m, _, idx| {
