@@ -181,6 +181,7 @@ fn phase_merge(g: &ConvGeometry, phased: &[f32], img: &mut [f32]) {
 /// input lies inside the image, and where that input starts: row `oy * stride + ki - padding`,
 /// phase `r` and phase index `xlo + dj` of a [`phase_split`] row.
 struct Tap {
+    ki: usize,
     ylo: usize,
     yhi: usize,
     xlo: usize,
@@ -200,6 +201,7 @@ fn tap(g: &ConvGeometry, ki: usize, kj: usize) -> Tap {
     let ix = (xlo * sw + kj) as isize - pw as isize;
     let ix = ix.max(0) as usize;
     Tap {
+        ki,
         ylo,
         yhi,
         xlo,
@@ -209,33 +211,35 @@ fn tap(g: &ConvGeometry, ki: usize, kj: usize) -> Tap {
     }
 }
 
+/// The [`Tap`] of every kernel offset, in row order (`ki * kw + kj`): computed once per kernel
+/// call, shared by every image.
+fn taps(g: &ConvGeometry) -> Vec<Tap> {
+    (0..g.kh * g.kw)
+        .map(|t| tap(g, t / g.kw, t % g.kw))
+        .collect()
+}
+
 /// Writes the columns of one image from its [`phase_split`] copy:
 /// `col[row, off + oy * ow + ox] = img[c, oy*s + ki - p, ox*s + kj - p]` (0 outside the image),
 /// `row = (c * kh + ki) * kw + kj`, `col` row-major with row length `ld`.
 #[inline(always)]
-fn im2col(g: &ConvGeometry, phased: &[f32], col: &mut [f32], ld: usize, off: usize) {
+fn im2col(g: &ConvGeometry, taps: &[Tap], phased: &[f32], col: &mut [f32], ld: usize, off: usize) {
     let (sh, sw) = (g.stride[0], g.stride[1]);
     let wp = g.w.div_ceil(sw);
-    let taps: Vec<Tap> = (0..g.kh * g.kw)
-        .map(|t| tap(g, t / g.kw, t % g.kw))
-        .collect();
     for c in 0..g.c {
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let t = &taps[ki * g.kw + kj];
-                let row = (c * g.kh + ki) * g.kw + kj;
-                let dst = &mut col[row * ld + off..row * ld + off + g.p()];
-                dst[..t.ylo * g.ow].fill(0.0);
-                dst[t.yhi * g.ow..].fill(0.0);
-                let len = t.xhi - t.xlo;
-                for oy in t.ylo..t.yhi {
-                    let iy = oy * sh + ki - g.padding[0];
-                    let src = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
-                    let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-                    d[..t.xlo].fill(0.0);
-                    d[t.xhi..].fill(0.0);
-                    d[t.xlo..t.xhi].copy_from_slice(&phased[src..src + len]);
-                }
+        for (k, t) in taps.iter().enumerate() {
+            let (ki, row) = (t.ki, c * taps.len() + k);
+            let dst = &mut col[row * ld + off..row * ld + off + g.p()];
+            dst[..t.ylo * g.ow].fill(0.0);
+            dst[t.yhi * g.ow..].fill(0.0);
+            let len = t.xhi - t.xlo;
+            for oy in t.ylo..t.yhi {
+                let iy = oy * sh + ki - g.padding[0];
+                let src = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
+                let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+                d[..t.xlo].fill(0.0);
+                d[t.xhi..].fill(0.0);
+                d[t.xlo..t.xhi].copy_from_slice(&phased[src..src + len]);
             }
         }
     }
@@ -244,26 +248,20 @@ fn im2col(g: &ConvGeometry, phased: &[f32], col: &mut [f32], ld: usize, off: usi
 /// The adjoint of [`im2col`]: adds each column entry onto the pixel it came from, in a
 /// [`phase_split`] layout (`phased` must start zeroed).
 #[inline(always)]
-fn col2im(g: &ConvGeometry, col: &[f32], ld: usize, off: usize, phased: &mut [f32]) {
+fn col2im(g: &ConvGeometry, taps: &[Tap], col: &[f32], ld: usize, off: usize, phased: &mut [f32]) {
     let (sh, sw) = (g.stride[0], g.stride[1]);
     let wp = g.w.div_ceil(sw);
-    let taps: Vec<Tap> = (0..g.kh * g.kw)
-        .map(|t| tap(g, t / g.kw, t % g.kw))
-        .collect();
     for c in 0..g.c {
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let t = &taps[ki * g.kw + kj];
-                let row = (c * g.kh + ki) * g.kw + kj;
-                let src = &col[row * ld + off..row * ld + off + g.p()];
-                let len = t.xhi - t.xlo;
-                for oy in t.ylo..t.yhi {
-                    let iy = oy * sh + ki - g.padding[0];
-                    let d = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
-                    let s = &src[oy * g.ow + t.xlo..oy * g.ow + t.xlo + len];
-                    for (a, b) in phased[d..d + len].iter_mut().zip(s) {
-                        *a += b;
-                    }
+        for (k, t) in taps.iter().enumerate() {
+            let (ki, row) = (t.ki, c * taps.len() + k);
+            let src = &col[row * ld + off..row * ld + off + g.p()];
+            let len = t.xhi - t.xlo;
+            for oy in t.ylo..t.yhi {
+                let iy = oy * sh + ki - g.padding[0];
+                let d = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
+                let s = &src[oy * g.ow + t.xlo..oy * g.ow + t.xlo + len];
+                for (a, b) in phased[d..d + len].iter_mut().zip(s) {
+                    *a += b;
                 }
             }
         }
@@ -377,6 +375,7 @@ pub fn conv_forward(
     assert_eq!(weight.len(), o * k, "conv_forward: weight length");
     let mut y = vec![0.0f32; n * o * p];
     let nb = g.chunk(n);
+    let taps = taps(g);
     y.par_chunks_mut(nb * o * p)
         .zip(x.par_chunks(nb * il))
         .for_each(|(yc, xc)| {
@@ -386,7 +385,7 @@ pub fn conv_forward(
                 with_scratch([k * ld, o * ld, phased_len(g)], |col, out, buf| {
                     for i in 0..b {
                         let img = phased(g, &xc[i * il..(i + 1) * il], buf);
-                        im2col(g, img, col, ld, i * p);
+                        im2col(g, &taps, img, col, ld, i * p);
                     }
                     let w = View {
                         data: weight,
@@ -475,6 +474,7 @@ pub fn conv_backward_data(g: &ConvGeometry, dy: &[f32], weight: &[f32], o: usize
     assert_eq!(weight.len(), o * k, "conv_backward_data: weight length");
     let mut dx = vec![0.0f32; n * il];
     let nb = g.chunk(n);
+    let taps = taps(g);
     dx.par_chunks_mut(nb * il)
         .zip(dy.par_chunks(nb * o * p))
         .for_each(|(dxc, dyc)| {
@@ -498,10 +498,10 @@ pub fn conv_backward_data(g: &ConvGeometry, dy: &[f32], weight: &[f32], o: usize
                     for i in 0..b {
                         let img = &mut dxc[i * il..(i + 1) * il];
                         if g.stride[1] == 1 {
-                            col2im(g, col, ld, i * p, img);
+                            col2im(g, &taps, col, ld, i * p, img);
                         } else {
                             phased.fill(0.0);
-                            col2im(g, col, ld, i * p, phased);
+                            col2im(g, &taps, col, ld, i * p, phased);
                             phase_merge(g, phased, img);
                         }
                     }
@@ -524,6 +524,7 @@ pub fn conv_backward_weight(
     assert_eq!(x.len(), n * il, "conv_backward_weight: input length");
     assert_eq!(dy.len(), n * o * p, "conv_backward_weight: gradient length");
     let nb = g.chunk(n);
+    let taps = taps(g);
     let xs: Vec<&[f32]> = x.chunks(nb * il).collect();
     let dys: Vec<&[f32]> = dy.chunks(nb * o * p).collect();
     ordered_sums([o * k, o], xs.len(), |chunk, [dw, db]| {
@@ -534,7 +535,7 @@ pub fn conv_backward_weight(
             with_scratch([k * ld, o * ld, phased_len(g)], |col, rows, buf| {
                 for i in 0..b {
                     let img = phased(g, &xc[i * il..(i + 1) * il], buf);
-                    im2col(g, img, col, ld, i * p);
+                    im2col(g, &taps, img, col, ld, i * p);
                 }
                 gather_rows(dyc, b, o, p, rows);
                 let r = View::rows(rows, ld);
@@ -825,7 +826,7 @@ mod timing {
                         &x[i * g.image_len()..(i + 1) * g.image_len()],
                         &mut phased,
                     );
-                    im2col(&g, img, &mut col, g.p(), 0);
+                    im2col(&g, &taps(&g), img, &mut col, g.p(), 0);
                     std::hint::black_box(&col);
                 }
             });
