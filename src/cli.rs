@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::active::Strategy;
 use crate::checkpoint::Checkpoint;
 use crate::config::{DeviceKind, Method, PretrainConfig};
-use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze};
+use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze, SemiMethod};
 use crate::finetune::{self, FinetuneRun};
 use crate::labels::{self, LabelDb};
 use crate::pretrain::{self, PretrainRun, STAGE};
@@ -147,6 +147,18 @@ pub struct FinetuneArgs {
     /// The label database [default: <run>/labels.db, created from the training label file].
     #[arg(long, value_name = "FILE")]
     pub label_db: Option<PathBuf>,
+    /// After the last purchase, train the final classifier on the unlabeled pool too: fixmatch
+    /// (pseudo-labels from weak views, learnt on strong views; the whole encoder trains) or none
+    /// [default: none].
+    #[arg(long, value_enum)]
+    pub semi: Option<SemiMethod>,
+    /// Passes over the unlabeled pool in the semi-supervised stage [default: 10].
+    #[arg(long, value_name = "N")]
+    pub semi_epochs: Option<f64>,
+    /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
+    /// plans its steps to end in time [default: none].
+    #[arg(long, value_name = "MINUTES")]
+    pub time_budget: Option<f64>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -378,6 +390,15 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.test_limit {
         cfg.data.test_limit = Some(v);
+    }
+    if let Some(v) = args.semi {
+        cfg.semi.method = v;
+    }
+    if let Some(v) = args.semi_epochs {
+        cfg.semi.epochs = v;
+    }
+    if let Some(v) = args.time_budget {
+        cfg.time_budget_minutes = Some(v);
     }
     if let Some(d) = &c.data_dir {
         cfg.data.dir = d.clone();

@@ -374,17 +374,27 @@ impl PretrainConfig {
         }
         match t.lr_schedule {
             LrSchedule::Constant => t.learning_rate,
-            LrSchedule::Cosine => {
-                let span = total_steps.saturating_sub(t.warmup_steps).max(1) as f64;
-                let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
-                let floor = t.learning_rate * t.min_lr_ratio;
-                floor
-                    + (t.learning_rate - floor)
-                        * 0.5
-                        * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
+            LrSchedule::Cosine => warmup_cosine(
+                t.learning_rate,
+                t.warmup_steps,
+                t.min_lr_ratio,
+                step,
+                total_steps,
+            ),
         }
     }
+}
+
+/// Learning rate at optimizer step `step` of `total_steps`: linear warm-up to `peak` over
+/// `warmup` steps, then cosine decay to `peak * min_ratio` at the last step.
+pub fn warmup_cosine(peak: f64, warmup: u64, min_ratio: f64, step: u64, total_steps: u64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total_steps.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    let floor = peak * min_ratio;
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 /// Reads a TOML pipeline or saved config into `T`: missing fields take their defaults, unknown

@@ -7,7 +7,7 @@
 mod pairs;
 mod view;
 
-pub use pairs::{view_pairs, view_rng, Prefetcher, ViewBatch, MAX_VIEW_BATCH};
+pub use pairs::{item_rng, view_pairs, view_rng, Prefetcher, ViewBatch, MAX_VIEW_BATCH};
 pub use view::{augment_view, ViewAugmentConfig, MAX_BLUR_SIGMA};
 
 use rand::Rng;

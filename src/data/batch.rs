@@ -42,6 +42,15 @@ pub mod stream {
     /// SimCLR: the two augmented views of each image of a batch (counter: global step; image `k`
     /// of the batch starts `k << 24` words further on, see `augment::view_rng`).
     pub const VIEWS: u64 = 9;
+    /// Semi-supervised stage: order of bought and of pool images (counter: pass, see
+    /// `finetune::semi`).
+    pub const SEMI_ORDER: u64 = 10;
+    /// Semi-supervised stage: weak views (counter: step; image `k` as in `augment::item_rng`).
+    pub const SEMI_WEAK: u64 = 11;
+    /// Semi-supervised stage: strong views (counter: step, as `SEMI_WEAK`).
+    pub const SEMI_STRONG: u64 = 12;
+    /// Semi-supervised stage: dropout masks (counter: step).
+    pub const SEMI_DROPOUT: u64 = 13;
 }
 
 /// The order in which epoch `epoch` visits the `n` images.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::active::strategies::Strategy;
 use crate::config::DeviceKind;
+use crate::data::augment::ViewAugmentConfig;
 use crate::data::DEFAULT_DATA_DIR;
 
 /// How the first batch of labels is chosen, before any classifier exists. Both are label-free.
@@ -53,7 +54,12 @@ pub struct FinetuneConfig {
     pub labels: LabelPlan,
     pub model: HeadConfig,
     pub train: FinetuneTrain,
+    pub semi: SemiConfig,
     pub report: FinetuneReport,
+    /// Wall-clock minutes for the whole run (earlier sessions of a resumed run included): the
+    /// semi-supervised stage gets what the rounds leave and plans its steps to end in time.
+    /// Unset: no limit (the stage runs `semi.epochs`).
+    pub time_budget_minutes: Option<f64>,
 }
 
 impl Default for FinetuneConfig {
@@ -65,7 +71,9 @@ impl Default for FinetuneConfig {
             labels: LabelPlan::default(),
             model: HeadConfig::default(),
             train: FinetuneTrain::default(),
+            semi: SemiConfig::default(),
             report: FinetuneReport::default(),
+            time_budget_minutes: None,
         }
     }
 }
@@ -223,6 +231,81 @@ impl Default for FinetuneTrain {
     }
 }
 
+/// How the final classifier uses the unlabeled pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SemiMethod {
+    /// The final classifier is the last round's (bought labels only).
+    None,
+    /// FixMatch: after the last purchase the whole network trains on the bought labels and on
+    /// confident pseudo-labels of weakly augmented pool images, learnt on strongly augmented views.
+    Fixmatch,
+}
+
+/// The semi-supervised stage that trains the final classifier after the last purchase
+/// (`[semi]`). Pseudo-labels never reach the label database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SemiConfig {
+    pub method: SemiMethod,
+    /// Passes over the unlabeled pool (`labeled_batch * unlabeled_ratio` pool images per step);
+    /// `time_budget_minutes` may end the stage sooner.
+    pub epochs: f64,
+    /// A pool image's pseudo-label counts when the weak view's top class probability reaches this.
+    pub threshold: f64,
+    /// Bought (training) images per step.
+    pub labeled_batch: usize,
+    /// Pool images per bought image in a step (FixMatch's mu).
+    pub unlabeled_ratio: usize,
+    /// Weight of the pseudo-label loss against the bought-label loss (FixMatch's lambda).
+    pub unlabeled_weight: f64,
+    /// Peak learning rate (Adam), reached after `warmup_steps`, then cosine decay to
+    /// `learning_rate * min_lr_ratio` at the last step.
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Validation (on the held-out bought labels) every this many steps and at the end; the
+    /// best validation accuracy picks the final weights.
+    pub eval_every: u64,
+    /// Minutes between checkpoints of the stage (and at its end).
+    pub checkpoint_minutes: f64,
+    /// The strong augmentation of pool images (weak: shift and flip of `train.augment_shift`).
+    pub strong: ViewAugmentConfig,
+}
+
+impl Default for SemiConfig {
+    fn default() -> Self {
+        Self {
+            method: SemiMethod::None,
+            epochs: 10.0,
+            threshold: 0.95,
+            labeled_batch: 32,
+            unlabeled_ratio: 7,
+            unlabeled_weight: 1.0,
+            learning_rate: 3e-4,
+            warmup_steps: 50,
+            min_lr_ratio: 0.05,
+            weight_decay: 1e-4,
+            eval_every: 100,
+            checkpoint_minutes: 5.0,
+            strong: ViewAugmentConfig {
+                crop_scale: [0.5, 1.0],
+                erase_prob: 0.5,
+                erase_scale: [0.02, 0.25],
+                ..ViewAugmentConfig::default()
+            },
+        }
+    }
+}
+
+impl SemiConfig {
+    /// Pool images per step.
+    pub fn unlabeled_batch(&self) -> usize {
+        self.labeled_batch * self.unlabeled_ratio
+    }
+}
+
 /// What goes to TensorBoard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -255,7 +338,7 @@ impl FinetuneConfig {
     /// What must stay the same for `--resume` to continue a run rather than start another: the
     /// label plan, the model and the seed.
     pub fn plan(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut plan = serde_json::json!({
             "encoder": self.encoder,
             "pool_limit": self.data.limit,
             "labels": {
@@ -270,7 +353,12 @@ impl FinetuneConfig {
             },
             "model": self.model,
             "seed": self.train.seed,
-        })
+        });
+        // Runs without the stage keep the plan they were started with (and stay resumable).
+        if self.semi.method != SemiMethod::None {
+            plan["semi"] = serde_json::to_value(&self.semi).unwrap_or_default();
+        }
+        plan
     }
 
     /// Checks values that would otherwise fail deep inside a run. `pool` is the pool size when
@@ -334,6 +422,42 @@ impl FinetuneConfig {
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("model.dropout must be in [0, 1)");
+        }
+        let s = &self.semi;
+        if s.method != SemiMethod::None {
+            if !(s.epochs.is_finite() && s.epochs > 0.0) {
+                bail!("semi.epochs must be a positive number");
+            }
+            if !(0.0..=1.0).contains(&s.threshold) {
+                bail!("semi.threshold must be in [0, 1], got {}", s.threshold);
+            }
+            if s.labeled_batch == 0 || s.unlabeled_ratio == 0 || s.eval_every == 0 {
+                bail!("semi.labeled_batch, semi.unlabeled_ratio and semi.eval_every must be at least 1");
+            }
+            if s.unlabeled_batch() > 1 << 15 {
+                bail!("semi.labeled_batch * semi.unlabeled_ratio must be at most 32768");
+            }
+            if !(s.learning_rate.is_finite() && s.learning_rate > 0.0) {
+                bail!("semi.learning_rate must be a positive number");
+            }
+            if !(s.unlabeled_weight.is_finite() && s.unlabeled_weight >= 0.0) {
+                bail!("semi.unlabeled_weight must be >= 0");
+            }
+            if !(s.weight_decay.is_finite() && s.weight_decay >= 0.0) {
+                bail!("semi.weight_decay must be >= 0");
+            }
+            if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+                bail!("semi.min_lr_ratio must be in [0, 1]");
+            }
+            if !(s.checkpoint_minutes.is_finite() && s.checkpoint_minutes > 0.0) {
+                bail!("semi.checkpoint_minutes must be positive");
+            }
+            s.strong.validate().context("semi.strong")?;
+        }
+        if let Some(m) = self.time_budget_minutes {
+            if !(m.is_finite() && m > 0.0) {
+                bail!("--time-budget must be a positive number of minutes, got {m}");
+            }
         }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");

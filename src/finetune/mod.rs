@@ -11,6 +11,7 @@
 pub mod config;
 pub mod encoder;
 pub mod report;
+pub mod semi;
 pub mod train;
 
 use std::path::PathBuf;
@@ -36,9 +37,10 @@ use crate::pretrain::ProjectorSample;
 use crate::progress::{images_bar, log};
 use crate::run::{MetricsCsv, RunDir};
 use crate::tensorboard::{image_grid, EventWriter};
-use config::{ColdStart, FinetuneConfig, Freeze};
+use config::{ColdStart, FinetuneConfig, Freeze, SemiMethod};
 use encoder::load_encoder;
-use report::{per_class_map, ConfusionMatrix, FinetuneSummary};
+use report::{per_class_map, ConfusionMatrix, FinetuneSummary, SemiSummary};
+use semi::{SemiBlobs, SemiProgress, SemiState};
 use train::{score, train_round, Inputs, RoundTraining, Set};
 
 /// The stage name recorded in checkpoints.
@@ -115,6 +117,9 @@ struct Saved {
     training: RoundTraining,
     /// Wall-clock seconds of earlier sessions.
     seconds: f64,
+    /// The semi-supervised stage, once it has started (its weights are blobs `semi_*`).
+    #[serde(default)]
+    semi: Option<SemiProgress>,
 }
 
 impl BackendJob for FinetuneJob {
@@ -167,6 +172,7 @@ impl BackendJob for FinetuneJob {
         let ckpt_path = run.checkpoint();
         let mut seconds_before = 0.0;
         let mut trained: Option<(Classifier<B>, RoundTraining)> = None;
+        let mut semi_saved: Option<(SemiProgress, SemiBlobs)> = None;
         if resume && ckpt_path.exists() {
             let ck = Checkpoint::load(&ckpt_path)?;
             ck.expect(&ckpt_path, STAGE, method, &architecture)?;
@@ -181,6 +187,16 @@ impl BackendJob for FinetuneJob {
                 );
             }
             seconds_before = saved.seconds;
+            if let (Some(progress), true) = (saved.semi, saved.rounds_trained == pool.rounds()) {
+                let blob =
+                    |name: &str| -> Result<Vec<u8>> { Ok(ck.blob(&ckpt_path, name)?.to_vec()) };
+                let blobs = SemiBlobs {
+                    model: blob("semi_model")?,
+                    best: blob("semi_best")?,
+                    optimizer: blob("semi_optimizer")?,
+                };
+                semi_saved = Some((progress, blobs));
+            }
             if saved.rounds_trained == pool.rounds() {
                 let record = record_from_bytes::<B, _>(ck.blob(&ckpt_path, "model")?, &device)?;
                 let model =
@@ -305,7 +321,7 @@ impl BackendJob for FinetuneJob {
                         train_round(init, &train_set, &val_set, &inputs, &cfg, round, &device)?;
                     // Checkpoint before anything is logged for this round.
                     let seconds = seconds_before + started.elapsed().as_secs_f64();
-                    writer.save(&model, &training, &pool, seconds, false)?;
+                    writer.save(&model, &training, &pool, seconds, None, false)?;
                     (model, training)
                 }
             };
@@ -414,20 +430,117 @@ impl BackendJob for FinetuneJob {
             log_purchase(&mut tb, &pool, &pool_images, round, cfg.report.bought_grid)?;
         };
 
+        // The semi-supervised stage: the final classifier learns from the whole pool too.
+        let image_inputs;
+        let mut semi_summary = None;
+        let mut semi_state: Option<SemiState<B>> = None;
+        let (final_model, test_probs, inputs) = if cfg.semi.method == SemiMethod::Fixmatch {
+            image_inputs = Inputs::new(&pool_images, &test_images, None, &cfg);
+            let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
+            let before = ConfusionMatrix::new(&test_probs, &test_labels).accuracy();
+            let init = match &model.encoder {
+                Some(_) => model.clone(),
+                None => semi::unfreeze(
+                    model.clone(),
+                    pretrained.encoder.clone(),
+                    inputs.scaling(),
+                    &device,
+                ),
+            };
+            let state = match semi_saved.take() {
+                Some((progress, blobs)) => SemiState::restore(init, progress, blobs, &device)?,
+                None => SemiState::start(init),
+            };
+            let deadline = cfg
+                .time_budget_minutes
+                .map(|m| m * 60.0 - seconds_before - started.elapsed().as_secs_f64());
+            let state = if state.progress.finished {
+                state
+            } else {
+                let mut semi_tb = EventWriter::create(&run.root.join("semi"))?;
+                semi_tb.add_session_start(state.progress.step)?;
+                let val_items: std::collections::HashSet<usize> =
+                    val_set.iter().map(|&(i, _)| i).collect();
+                let unlabeled: Vec<usize> = (0..pool.size())
+                    .filter(|i| !val_items.contains(i))
+                    .collect();
+                let mut save = |st: &SemiState<B>| -> Result<()> {
+                    let seconds = seconds_before + started.elapsed().as_secs_f64();
+                    writer.save(&model, &training, &pool, seconds, Some(st), false)
+                };
+                semi::train_semi(
+                    state,
+                    &train_set,
+                    &val_set,
+                    &unlabeled,
+                    &image_inputs,
+                    &cfg,
+                    deadline,
+                    &mut semi_tb,
+                    &mut save,
+                    &device,
+                )?
+            };
+            let final_model = state.best.clone();
+            let test_items: Vec<usize> = (0..test_images.len()).collect();
+            let scores = score(
+                &final_model.valid(),
+                &image_inputs,
+                Set::Test,
+                &test_items,
+                &cfg,
+                false,
+                0,
+                &device,
+            )?;
+            let p = &state.progress;
+            let best = p.best.clone();
+            let after = ConfusionMatrix::new(&scores.probs, &test_labels).accuracy();
+            log(
+                None,
+                &format!(
+                    "semi-supervised stage: validation accuracy {:.2}% (step {}) against {:.2}% \
+                     before; test accuracy {:.2}% against {:.2}% before (report only), {:.0} s",
+                    100.0 * best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
+                    best.as_ref().map_or(0, |b| b.step),
+                    100.0 * training.validation_accuracy,
+                    100.0 * after,
+                    100.0 * before,
+                    p.seconds
+                ),
+            );
+            let passes_per_step =
+                cfg.semi.unlabeled_batch() as f64 / (pool.size() - val_set.len()).max(1) as f64;
+            semi_summary = Some(SemiSummary {
+                method: "fixmatch".into(),
+                steps: p.step,
+                passes: p.step as f64 * passes_per_step,
+                best_step: best.as_ref().map_or(0, |b| b.step),
+                validation_accuracy: best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
+                test_accuracy_before: before,
+                validation_accuracy_before: training.validation_accuracy,
+                seconds: p.seconds,
+            });
+            semi_state = Some(state);
+            (final_model, scores.probs, &image_inputs)
+        } else {
+            (model.clone(), test_probs, &inputs)
+        };
+
         // The end: predictions, confusion matrix, projector, summary.
         let seconds = seconds_before + started.elapsed().as_secs_f64();
-        writer.save(&model, &training, &pool, seconds, true)?;
+        writer.save(&model, &training, &pool, seconds, semi_state.as_ref(), true)?;
         let cm = ConfusionMatrix::new(&test_probs, &test_labels);
         report::write_predictions(&run.root.join("predictions.csv"), &test_probs)?;
         let step = pool.spent();
         tb.add_image("test/confusion_matrix", &cm.image(24), step)?;
         if cfg.report.projector_samples > 0 {
             let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
-            let inner = model.valid();
+            let inner = final_model.valid();
             let linear = cfg.model.hidden == 0;
             let emb = score(
                 &inner,
-                &inputs,
+                inputs,
                 Set::Test,
                 &indices,
                 &cfg,
@@ -470,13 +583,16 @@ impl BackendJob for FinetuneJob {
             rounds: pool.rounds(),
             train_labels: train_set.len(),
             validation_labels: val_set.len(),
-            validation_accuracy: training.validation_accuracy,
+            validation_accuracy: semi_summary
+                .as_ref()
+                .map_or(training.validation_accuracy, |s| s.validation_accuracy),
             test_images: test_images.len(),
             test_accuracy: cm.accuracy(),
             per_class_accuracy: per_class_map(&cm.per_class()),
             bought_per_class: per_class_map(&pool.class_counts(classes)),
             confusion_matrix: cm.matrix.clone(),
             seconds,
+            semi: semi_summary,
             config: serde_json::to_value(&cfg)?,
         };
         crate::checkpoint::write_atomic(
@@ -707,6 +823,7 @@ impl CheckpointWriter<'_> {
         training: &RoundTraining,
         pool: &Pool,
         seconds: f64,
+        semi: Option<&SemiState<B>>,
         finished: bool,
     ) -> Result<()> {
         let saved = Saved {
@@ -714,7 +831,15 @@ impl CheckpointWriter<'_> {
             rounds_trained: pool.rounds(),
             training: training.clone(),
             seconds,
+            semi: semi.map(|s| s.progress.clone()),
         };
+        let mut blobs = vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)];
+        if let Some(state) = semi {
+            let b = state.blobs()?;
+            blobs.push(("semi_model".into(), b.model));
+            blobs.push(("semi_best".into(), b.best));
+            blobs.push(("semi_optimizer".into(), b.optimizer));
+        }
         Checkpoint {
             header: CheckpointHeader {
                 stage: STAGE.into(),
@@ -729,7 +854,7 @@ impl CheckpointWriter<'_> {
                 frugal_version: env!("CARGO_PKG_VERSION").into(),
                 extra: serde_json::to_value(saved)?,
             },
-            blobs: vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)],
+            blobs,
         }
         .save(self.path)
         .with_context(|| format!("cannot write checkpoint {}", self.path.display()))

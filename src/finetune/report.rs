@@ -125,8 +125,27 @@ pub struct FinetuneSummary {
     pub confusion_matrix: Vec<Vec<u64>>,
     /// Wall-clock seconds of all sessions of this run.
     pub seconds: f64,
+    /// The semi-supervised stage, when it ran (`test_accuracy` is then its model's).
+    #[serde(default)]
+    pub semi: Option<SemiSummary>,
     /// The effective config.
     pub config: serde_json::Value,
+}
+
+/// How the semi-supervised stage went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SemiSummary {
+    pub method: String,
+    pub steps: u64,
+    /// Passes over the unlabeled pool.
+    pub passes: f64,
+    /// The step whose weights were kept (best validation accuracy).
+    pub best_step: u64,
+    pub validation_accuracy: f64,
+    /// Test accuracy of the last round's classifier, before the stage (report only).
+    pub test_accuracy_before: f64,
+    pub validation_accuracy_before: f64,
+    pub seconds: f64,
 }
 
 /// `{class name: value}` in class order.

@@ -72,6 +72,11 @@ impl<'a> Inputs<'a> {
         }
     }
 
+    /// The per-feature `(mean, 1 / std)` applied to frozen-encoder features, if any.
+    pub fn scaling(&self) -> Option<&(Vec<f32>, Vec<f32>)> {
+        self.scaling.as_ref()
+    }
+
     fn images(&self, set: Set) -> &FashionMnist {
         match set {
             Set::Pool => self.pool,
@@ -233,7 +238,7 @@ pub struct RoundTraining {
 }
 
 /// Dropout keep-mask `[rows, width]` with entries 0 or `1 / (1 - p)`, drawn from `rng`.
-fn keep_mask<B: Backend>(
+pub(super) fn keep_mask<B: Backend>(
     rows: usize,
     width: usize,
     p: f64,

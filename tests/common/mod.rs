@@ -93,9 +93,26 @@ pub fn sliced_data_dir_with_labels(dir: &Path, train: usize, test: usize) -> Pat
 /// `frugal finetune` on the smoke-finetune pipeline with outputs under `root`, data from `data`
 /// and the encoder run `encoder`.
 pub fn smoke_finetune(root: &Path, data: &Path, encoder: &Path, run_name: &str) -> Command {
+    finetune_with(
+        &repo().join("pipelines/smoke-finetune.toml"),
+        root,
+        data,
+        encoder,
+        run_name,
+    )
+}
+
+/// `frugal finetune` on `pipeline`, otherwise as [`smoke_finetune`].
+pub fn finetune_with(
+    pipeline: &Path,
+    root: &Path,
+    data: &Path,
+    encoder: &Path,
+    run_name: &str,
+) -> Command {
     let mut cmd = frugal();
     cmd.args(["finetune", "--pipeline"])
-        .arg(repo().join("pipelines/smoke-finetune.toml"))
+        .arg(pipeline)
         .args(["--run", run_name, "--checkpoints"])
         .arg(root)
         .arg("--data-dir")

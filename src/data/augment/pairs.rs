@@ -28,11 +28,16 @@ pub const MAX_VIEW_BATCH: usize = 1 << 16;
 /// draws a few dozen words, so the stretches never overlap. The generator depends only on
 /// `(seed, step, k)`: not on threads, scheduling, or what ran before (resume).
 pub fn view_rng(seed: u64, step: u64, k: usize) -> ChaCha8Rng {
+    item_rng(seed, stream::VIEWS, step, k)
+}
+
+/// [`view_rng`] on another stream: the generator of image `k` of the batch of step `step`.
+pub fn item_rng(seed: u64, stream: u64, step: u64, k: usize) -> ChaCha8Rng {
     assert!(
         k < MAX_VIEW_BATCH,
         "batches have at most {MAX_VIEW_BATCH} images"
     );
-    let mut rng = rng_for(seed, stream::VIEWS, step);
+    let mut rng = rng_for(seed, stream, step);
     let base = rng.get_word_pos();
     rng.set_word_pos(base + ((k as u128) << 24));
     rng

@@ -1,0 +1,570 @@
+//! The semi-supervised stage (FixMatch, Sohn et al. 2020): after the last purchase, the whole
+//! network (pretrained encoder and the last round's head) trains on the bought labels and on
+//! every other pool image at once.
+//!
+//! Each step takes `labeled_batch` bought training images (weak view: shift and flip) and
+//! `unlabeled_ratio` times as many pool images. The model's prediction on a weak view of a pool
+//! image becomes its pseudo-label when confident (top probability >= `threshold`), and the model
+//! learns to predict it on a strong view (crop, jitter, erasing). Pseudo-labels live in this loop
+//! only: nothing reaches the label database. The validation slice of the bought labels is neither
+//! trained on nor used as a pool image, so the choice of the final weights (best validation
+//! accuracy) stays honest; the test set is not looked at here.
+//!
+//! Every random choice derives from `(seed, stream, step)`, so a resumed stage draws exactly what
+//! an uninterrupted one would.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::module::{AutodiffModule, Module, Param};
+use burn::nn::Linear;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::backend::AutodiffBackend;
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::config::FinetuneConfig;
+use super::train::{accuracy_and_loss, argmax, keep_mask, score, Inputs, Set};
+use crate::checkpoint::{record_from_bytes, record_to_bytes};
+use crate::config::warmup_cosine;
+use crate::data::augment::{augment_view, item_rng, shift_flip};
+use crate::data::batch::{rng_for, stream};
+use crate::data::{CLASS_NAMES, IMAGE_SIDE};
+use crate::models::{host_values, Classifier, ClassifierInput, Encoder};
+use crate::progress::{images_bar, log};
+use crate::tensorboard::EventWriter;
+
+/// Steps timed before the time budget fixes the stage's length.
+const CALIBRATION_STEPS: u64 = 20;
+
+/// Share of the remaining time budget the planned steps may fill (validation and checkpoints take
+/// the rest).
+const BUDGET_FILL: f64 = 0.93;
+
+/// One validation of the stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SemiEval {
+    /// Steps done when it ran.
+    pub step: u64,
+    pub validation_accuracy: f64,
+    pub validation_loss: f64,
+    /// Mean bought-label and pseudo-label losses and the share of pool images with a confident
+    /// pseudo-label, over the steps since the last validation.
+    pub labeled_loss: f64,
+    pub unlabeled_loss: f64,
+    pub mask_rate: f64,
+}
+
+/// Where the stage stands: saved in the finetune checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SemiProgress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps the stage runs (`semi.epochs` passes, or fewer to fit the time budget).
+    pub total_steps: u64,
+    /// Whether `total_steps` is final (the time budget has been applied, or there is none).
+    pub planned: bool,
+    /// The best validation so far: its weights are the stage's result.
+    pub best: Option<SemiEval>,
+    pub last: Option<SemiEval>,
+    /// Wall-clock seconds spent in the stage, all sessions.
+    pub seconds: f64,
+    pub finished: bool,
+}
+
+/// The stage's weights and optimizer as checkpoint blobs.
+pub struct SemiBlobs {
+    pub model: Vec<u8>,
+    pub best: Vec<u8>,
+    pub optimizer: Vec<u8>,
+}
+
+/// What the caller saves and what a resume starts from.
+pub struct SemiState<B: AutodiffBackend> {
+    pub model: Classifier<B>,
+    pub best: Classifier<B>,
+    pub progress: SemiProgress,
+    /// The Adam state record, as bytes (absent before the first step).
+    pub optimizer: Option<Vec<u8>>,
+}
+
+impl<B: AutodiffBackend> SemiState<B> {
+    /// A fresh stage from `init`.
+    pub fn start(init: Classifier<B>) -> Self {
+        Self {
+            best: init.clone(),
+            model: init,
+            progress: SemiProgress::default(),
+            optimizer: None,
+        }
+    }
+
+    /// A stage restored from checkpoint blobs; `skeleton` has the stage's architecture.
+    pub fn restore(
+        skeleton: Classifier<B>,
+        progress: SemiProgress,
+        blobs: SemiBlobs,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let model = skeleton
+            .clone()
+            .load_record(record_from_bytes::<B, _>(&blobs.model, device)?);
+        let best = skeleton.load_record(record_from_bytes::<B, _>(&blobs.best, device)?);
+        Ok(Self {
+            model,
+            best,
+            progress,
+            optimizer: Some(blobs.optimizer),
+        })
+    }
+
+    /// The checkpoint blobs of this state.
+    pub fn blobs(&self) -> Result<SemiBlobs> {
+        Ok(SemiBlobs {
+            model: crate::checkpoint::module_to_bytes::<B, _>(self.model.clone())?,
+            best: crate::checkpoint::module_to_bytes::<B, _>(self.best.clone())?,
+            optimizer: self.optimizer.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// The starting point of the stage: the pretrained `encoder` (all of it trains) under the last
+/// round's `head` (a classifier without encoder, trained on features standardised by
+/// `scaling`). The standardisation is folded into the head's first layer, so the result computes
+/// exactly what the head did: the stage starts from the last round's predictions.
+///
+/// Shapes: `scaling` is `(mean, 1 / std)`, each `[feature_dim]`.
+pub fn unfreeze<B: Backend>(
+    head: Classifier<B>,
+    encoder: Encoder<B>,
+    scaling: Option<&(Vec<f32>, Vec<f32>)>,
+    device: &B::Device,
+) -> Classifier<B> {
+    let Classifier {
+        encoder: _,
+        hidden,
+        out,
+    } = head;
+    let fold = |layer: Linear<B>| -> Linear<B> {
+        let Some((mean, inv_std)) = scaling else {
+            return layer;
+        };
+        let d = mean.len();
+        let w = layer.weight.val();
+        let [d_in, d_out] = w.dims();
+        debug_assert_eq!(d_in, d);
+        let s = Tensor::<B, 1>::from_floats(inv_std.as_slice(), device);
+        let ms: Vec<f32> = mean.iter().zip(inv_std).map(|(m, s)| m * s).collect();
+        let ms = Tensor::<B, 2>::from_data(TensorData::new(ms, [1, d]), device);
+        // x' = (x - m) * s, so x'W + b = x (s W) + (b - (m * s) W).
+        let w_folded = w.clone() * s.reshape([d, 1]);
+        let shift = ms.matmul(w).reshape([d_out]);
+        let b = match &layer.bias {
+            Some(b) => b.val() - shift,
+            None => shift.neg(),
+        };
+        Linear {
+            weight: Param::from_tensor(w_folded.detach()),
+            bias: Some(Param::from_tensor(b.detach())),
+        }
+    };
+    let (hidden, out) = match hidden {
+        Some(h) => (Some(fold(h)), out),
+        None => (None, fold(out)),
+    };
+    Classifier {
+        encoder: Some(encoder),
+        hidden,
+        out,
+    }
+}
+
+/// A cycle through `items` in a fresh seeded order each pass: position `p` of the endless
+/// sequence is `order(p / n)[p % n]`, whatever came before (resume).
+struct Cycle<'a> {
+    items: &'a [usize],
+    seed: u64,
+    salt: u64,
+    pass: Option<(u64, Vec<usize>)>,
+}
+
+impl<'a> Cycle<'a> {
+    fn new(items: &'a [usize], seed: u64, salt: u64) -> Self {
+        Self {
+            items,
+            seed,
+            salt,
+            pass: None,
+        }
+    }
+
+    /// Positions `start..start + k`.
+    fn take(&mut self, start: u64, k: usize) -> Vec<usize> {
+        let n = self.items.len() as u64;
+        (start..start + k as u64)
+            .map(|p| {
+                let pass = p / n;
+                if self.pass.as_ref().map(|(q, _)| *q) != Some(pass) {
+                    let mut order = self.items.to_vec();
+                    // Two cycles share the stream: even counters for one, odd for the other.
+                    order.shuffle(&mut rng_for(
+                        self.seed,
+                        stream::SEMI_ORDER,
+                        pass * 2 + self.salt,
+                    ));
+                    self.pass = Some((pass, order));
+                }
+                self.pass.as_ref().map_or(0, |(_, o)| o[(p % n) as usize])
+            })
+            .collect()
+    }
+}
+
+/// `[n, 1, 28, 28]` from row-major 784-value images.
+fn images<B: Backend>(values: Vec<f32>, n: usize, device: &B::Device) -> Tensor<B, 4> {
+    Tensor::from_data(
+        TensorData::new(values, [n, 1, IMAGE_SIDE, IMAGE_SIDE]),
+        device,
+    )
+}
+
+/// Trains the stage from `state` to its planned end (or the time budget), calling `save` with
+/// the state every `semi.checkpoint_minutes` and at the end. `labeled` are the bought training
+/// labels, `val` the held-out ones (model choice), `pool_items` the unlabeled images (the pool
+/// without `val`). `deadline_s`: seconds this session may still spend, if there is a budget.
+#[allow(clippy::too_many_arguments)]
+pub fn train_semi<B: AutodiffBackend>(
+    mut state: SemiState<B>,
+    labeled: &[(usize, u8)],
+    val: &[(usize, u8)],
+    pool_items: &[usize],
+    inputs: &Inputs,
+    cfg: &FinetuneConfig,
+    deadline_s: Option<f64>,
+    tb: &mut EventWriter,
+    save: &mut dyn FnMut(&SemiState<B>) -> Result<()>,
+    device: &B::Device,
+) -> Result<SemiState<B>> {
+    let s = &cfg.semi;
+    let seed = cfg.train.seed;
+    if labeled.is_empty() || pool_items.is_empty() {
+        bail!("the semi-supervised stage needs bought training labels and pool images");
+    }
+    let (nl, nu) = (s.labeled_batch, s.unlabeled_batch());
+    let steps_per_pass = pool_items.len().div_ceil(nu) as u64;
+    if state.progress.total_steps == 0 {
+        state.progress.total_steps = ((s.epochs * steps_per_pass as f64).round() as u64).max(1);
+        state.progress.planned = deadline_s.is_none();
+    }
+    let mut optim = AdamConfig::new()
+        .with_weight_decay(Some(WeightDecayConfig::new(s.weight_decay as f32)))
+        .init::<B, Classifier<B>>();
+    if let Some(bytes) = &state.optimizer {
+        if !bytes.is_empty() {
+            optim = optim.load_record(record_from_bytes::<B, _>(bytes, device)?);
+        }
+    }
+    let pool = inputs.pool;
+    // The labeled cycle runs over positions in `labeled`.
+    let label_idx: Vec<usize> = (0..labeled.len()).collect();
+    let mut labeled_cycle = Cycle::new(&label_idx, seed, 0);
+    let mut pool_cycle = Cycle::new(pool_items, seed, 1);
+    let val_items: Vec<usize> = val.iter().map(|&(i, _)| i).collect();
+
+    let session = Instant::now();
+    let seconds_before = state.progress.seconds;
+    let start_step = state.progress.step;
+    let mut last_save = Instant::now();
+    let bar = images_bar(
+        state.progress.total_steps * nu as u64,
+        start_step * nu as u64,
+        "semi-supervised",
+    );
+    log(
+        Some(&bar),
+        &format!(
+            "semi-supervised stage (FixMatch): {} bought training labels, {} pool images, {} steps \
+             of {nl} + {nu} images ({:.1} passes over the pool){}",
+            labeled.len(),
+            pool_items.len(),
+            state.progress.total_steps,
+            state.progress.total_steps as f64 / steps_per_pass as f64,
+            if start_step > 0 {
+                format!(", resuming at step {start_step}")
+            } else {
+                String::new()
+            }
+        ),
+    );
+    // Loss parts stay on the device between validations: one copy to the host per validation.
+    let mut pending: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+    let mut masked = (0usize, 0usize);
+    let classes = CLASS_NAMES.len();
+    while state.progress.step < state.progress.total_steps {
+        let step = state.progress.step;
+        // Data: bought images (weak view), pool images (weak and strong views).
+        let picks = labeled_cycle.take(step * nl as u64, nl);
+        let unl = pool_cycle.take(step * nu as u64, nu);
+        let shift = cfg.train.augment_shift;
+        let weak_pool: Vec<f32> = unl
+            .par_iter()
+            .enumerate()
+            .flat_map_iter(|(k, &item)| {
+                shift_flip(
+                    pool.image(item),
+                    shift,
+                    &mut item_rng(seed, stream::SEMI_WEAK, step, k),
+                )
+            })
+            .collect();
+        let mut trained: Vec<f32> = picks
+            .par_iter()
+            .enumerate()
+            .flat_map_iter(|(k, &j)| {
+                shift_flip(
+                    pool.image(labeled[j].0),
+                    shift,
+                    &mut item_rng(seed, stream::SEMI_WEAK, step, nu + k),
+                )
+            })
+            .collect();
+        trained.par_extend(unl.par_iter().enumerate().flat_map_iter(|(k, &item)| {
+            augment_view(
+                pool.image(item),
+                &s.strong,
+                &mut item_rng(seed, stream::SEMI_STRONG, step, k),
+            )
+        }));
+
+        // Pseudo-labels from the weak views, without gradients or dropout.
+        let weak_probs = host_values(softmax(
+            state.model.valid().forward(
+                ClassifierInput::Images(images::<B::InnerBackend>(weak_pool, nu, device)),
+                None,
+            ),
+            1,
+        ))?;
+        let mut targets: Vec<i64> = picks.iter().map(|&j| labeled[j].1 as i64).collect();
+        let mut weights: Vec<f32> = vec![1.0 / nl as f32; nl];
+        for row in weak_probs.chunks(classes) {
+            let c = argmax(row);
+            let confident = row[c] as f64 >= s.threshold;
+            targets.push(c as i64);
+            weights.push(if confident {
+                (s.unlabeled_weight / nu as f64) as f32
+            } else {
+                0.0
+            });
+            masked.0 += confident as usize;
+            masked.1 += 1;
+        }
+
+        // One forward and backward pass over bought and strong views together.
+        let n = nl + nu;
+        let mut mask_rng = rng_for(seed, stream::SEMI_DROPOUT, step);
+        let mask = keep_mask::<B>(
+            n,
+            state.model.embedding_dim(),
+            cfg.model.dropout,
+            &mut mask_rng,
+            device,
+        );
+        let logits = state.model.forward(
+            ClassifierInput::Images(images::<B>(trained, n, device)),
+            Some(mask),
+        );
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
+        let nll = log_softmax(logits, 1).gather(1, targets).reshape([n]).neg();
+        let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), device);
+        let weighted = nll * weights;
+        let loss = weighted.clone().sum();
+        let inner = weighted.inner();
+        pending.push(Tensor::cat(
+            vec![
+                inner.clone().narrow(0, 0, nl).sum(),
+                inner.narrow(0, nl, nu).sum(),
+            ],
+            0,
+        ));
+        let lr = warmup_cosine(
+            s.learning_rate,
+            s.warmup_steps,
+            s.min_lr_ratio,
+            step,
+            state.progress.total_steps,
+        );
+        let grads = GradientsParams::from_grads(loss.backward(), &state.model);
+        state.model = optim.step(lr, state.model, grads);
+        state.progress.step += 1;
+        bar.inc(nu as u64);
+
+        // The time budget fixes the length once the step rate is known.
+        let done_here = state.progress.step - start_step;
+        if !state.progress.planned && done_here >= CALIBRATION_STEPS {
+            let elapsed = session.elapsed().as_secs_f64();
+            let per_step = elapsed / done_here as f64;
+            let left = deadline_s.unwrap_or(f64::INFINITY) * BUDGET_FILL - elapsed;
+            let affordable = state.progress.step + (left.max(0.0) / per_step) as u64;
+            if affordable < state.progress.total_steps {
+                log(
+                    Some(&bar),
+                    &format!(
+                        "time budget: {affordable} of {} steps fit ({per_step:.2} s per step)",
+                        state.progress.total_steps
+                    ),
+                );
+                state.progress.total_steps = affordable.max(state.progress.step);
+                bar.set_length(state.progress.total_steps * nu as u64);
+            }
+            state.progress.planned = true;
+        }
+
+        let last = state.progress.step >= state.progress.total_steps;
+        if state.progress.step.is_multiple_of(s.eval_every) || last {
+            let parts = host_values(Tensor::cat(std::mem::take(&mut pending), 0))?;
+            let k = (parts.len() / 2).max(1) as f64;
+            let labeled_loss = parts.iter().step_by(2).map(|&v| v as f64).sum::<f64>() / k;
+            let unlabeled_loss = parts
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|&v| v as f64)
+                .sum::<f64>()
+                / k;
+            let mask_rate = masked.0 as f64 / masked.1.max(1) as f64;
+            masked = (0, 0);
+            if !labeled_loss.is_finite() || !unlabeled_loss.is_finite() {
+                bail!(
+                    "the semi-supervised loss became non-finite at step {}: try a lower \
+                     semi.learning_rate",
+                    state.progress.step
+                );
+            }
+            let (validation_accuracy, validation_loss) = if val.is_empty() {
+                (f64::NAN, f64::NAN)
+            } else {
+                let scores = score(
+                    &state.model.valid(),
+                    inputs,
+                    Set::Pool,
+                    &val_items,
+                    cfg,
+                    false,
+                    0,
+                    device,
+                )?;
+                accuracy_and_loss(&scores.probs, val.iter().map(|&(_, l)| l))
+            };
+            let eval = SemiEval {
+                step: state.progress.step,
+                validation_accuracy,
+                validation_loss,
+                labeled_loss,
+                unlabeled_loss,
+                mask_rate,
+            };
+            let better = match &state.progress.best {
+                None => true,
+                Some(_) if val.is_empty() => true,
+                Some(b) => {
+                    eval.validation_accuracy > b.validation_accuracy
+                        || (eval.validation_accuracy == b.validation_accuracy
+                            && eval.validation_loss < b.validation_loss)
+                }
+            };
+            if better {
+                state.best = state.model.clone();
+                state.progress.best = Some(eval.clone());
+            }
+            let at = state.progress.step;
+            tb.add_scalar("semi/loss_labeled", labeled_loss as f32, at)?;
+            tb.add_scalar("semi/loss_pseudo", unlabeled_loss as f32, at)?;
+            tb.add_scalar("semi/confident_share", mask_rate as f32, at)?;
+            tb.add_scalar("semi/learning_rate", lr as f32, at)?;
+            tb.add_scalar("semi/validation_accuracy", validation_accuracy as f32, at)?;
+            tb.add_scalar("semi/validation_loss", validation_loss as f32, at)?;
+            tb.flush()?;
+            log(
+                Some(&bar),
+                &format!(
+                    "semi step {at}/{}: loss {labeled_loss:.3} (bought) + {unlabeled_loss:.3} \
+                     (pseudo), {:.0}% of pool images confident, validation accuracy {:.2}%{}",
+                    state.progress.total_steps,
+                    100.0 * mask_rate,
+                    100.0 * validation_accuracy,
+                    if better { " (best)" } else { "" }
+                ),
+            );
+            state.progress.last = Some(eval);
+        }
+        let due = last_save.elapsed().as_secs_f64() >= s.checkpoint_minutes * 60.0;
+        if due || last {
+            state.progress.seconds = seconds_before + session.elapsed().as_secs_f64();
+            state.progress.finished = last;
+            state.optimizer = Some(record_to_bytes::<B, _>(optim.to_record())?);
+            save(&state)?;
+            last_save = Instant::now();
+        }
+    }
+    bar.finish_and_clear();
+    state.progress.seconds = seconds_before + session.elapsed().as_secs_f64();
+    state.progress.finished = true;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn folded_standardisation_computes_what_the_head_did() {
+        let device = Default::default();
+        let dim = 6;
+        let head: Classifier<Flex> = Classifier::new(None, dim, 4, 3, &device);
+        let mean: Vec<f32> = (0..dim).map(|i| i as f32 * 0.3 - 0.5).collect();
+        let inv_std: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 * 0.2).collect();
+        let x: Vec<f32> = (0..2 * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let scaled: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (v - mean[k % dim]) * inv_std[k % dim])
+            .collect();
+        let f = |v: Vec<f32>| {
+            ClassifierInput::Features(Tensor::<Flex, 2>::from_data(
+                TensorData::new(v, [2, dim]),
+                &device,
+            ))
+        };
+        let expected = host_values(head.forward(f(scaled), None)).unwrap();
+        // The folded head with its encoder detached, fed raw features.
+        let encoder = crate::models::EncoderConfig::default().init::<Flex>(&device);
+        let mut folded = unfreeze(head, encoder, Some(&(mean, inv_std)), &device);
+        folded.encoder = None;
+        let got = host_values(folded.forward(f(x), None)).unwrap();
+        for (a, b) in expected.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-4, "{expected:?} vs {got:?}");
+        }
+    }
+
+    #[test]
+    fn cycles_visit_every_item_once_per_pass_and_resume_alike() {
+        let items: Vec<usize> = (100..137).collect();
+        let mut a = Cycle::new(&items, 7, 0);
+        let first: Vec<usize> = a.take(0, 37);
+        let mut sorted = first.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, items);
+        let second = a.take(37, 37);
+        assert_ne!(first, second, "each pass has its own order");
+        // A fresh cycle (a resume) reading from the middle sees the same sequence.
+        let mut b = Cycle::new(&items, 7, 0);
+        assert_eq!(b.take(30, 20), [&first[30..], &second[..13]].concat());
+        // The other salt is another order.
+        assert_ne!(Cycle::new(&items, 7, 1).take(0, 37), first);
+    }
+}

@@ -1,0 +1,142 @@
+//! The semi-supervised stage of `frugal finetune` (`--semi fixmatch`) end to end on real
+//! Fashion-MNIST slices: it trains the encoder, buys nothing, resumes exactly after a kill, and
+//! the time budget shortens it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use frugal::checkpoint::Checkpoint;
+use frugal::labels::LabelDb;
+
+/// The smoke finetune pipeline with a small semi-supervised stage that checkpoints at every step.
+fn semi_pipeline(root: &Path) -> PathBuf {
+    let base = std::fs::read_to_string(repo().join("pipelines/smoke-finetune.toml")).unwrap();
+    let text = format!(
+        "{base}\n[semi]\nmethod = \"fixmatch\"\nepochs = 4.0\nlabeled_batch = 8\n\
+         unlabeled_ratio = 4\nthreshold = 0.5\neval_every = 5\nwarmup_steps = 5\n\
+         checkpoint_minutes = 0.0001\n"
+    );
+    let path = root.join("semi.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn setup(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let data = sliced_data_dir_with_labels(&root.join("data"), 600, 300);
+    let out = run(&mut smoke(root, &data, "enc"));
+    assert!(out.status.success(), "pretraining failed: {}", stderr(&out));
+    (data, root.join("enc"), semi_pipeline(root))
+}
+
+fn semi_finetune(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) -> Command {
+    finetune_with(pipeline, root, data, enc, name)
+}
+
+/// The stage's progress in the run's checkpoint: (steps done, finished).
+fn semi_step(run_dir: &Path) -> Option<(u64, bool)> {
+    let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
+    let semi = ck.header.extra.get("semi")?;
+    Some((semi["step"].as_u64()?, semi["finished"].as_bool()?))
+}
+
+#[test]
+fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc, pipeline) = setup(root);
+
+    let out = run(&mut semi_finetune(root, &data, &enc, &pipeline, "straight"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = summary(&root.join("straight"));
+    let semi = &s["semi"];
+    // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass, 4 passes.
+    assert_eq!(semi["steps"], 76, "{semi}");
+    assert!(semi["best_step"].as_u64().unwrap() <= 76);
+    assert!(semi["test_accuracy_before"].as_f64().is_some());
+    // Pseudo-labels are never bought: the ledger holds the budget, no more.
+    let db = LabelDb::open(&root.join("straight/labels.db")).unwrap();
+    assert_eq!(db.spent().unwrap(), 60);
+    assert_eq!(s["labels_bought"], 60);
+    // The stage's TensorBoard run exists next to the rounds'.
+    assert!(std::fs::read_dir(root.join("straight/semi"))
+        .unwrap()
+        .any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out")));
+
+    // Killed in the middle of the stage, resumed: the same final model.
+    let run_dir = root.join("killed");
+    let mut child = semi_finetune(root, &data, &enc, &pipeline, "killed")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let killed_at = loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        if let Some((step, false)) = semi_step(&run_dir) {
+            if step >= 1 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break step;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stage did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(killed_at < 76);
+    let out = run(semi_finetune(root, &data, &enc, &pipeline, "killed").arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming at step"),
+        "{}",
+        stderr(&out)
+    );
+    let k = summary(&run_dir);
+    assert_eq!(k["semi"]["steps"], 76);
+    assert_eq!(k["semi"]["best_step"], semi["best_step"]);
+    assert_eq!(
+        k["semi"]["validation_accuracy"],
+        semi["validation_accuracy"]
+    );
+    assert_eq!(k["test_accuracy"], s["test_accuracy"]);
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap(),
+        std::fs::read_to_string(root.join("straight/predictions.csv")).unwrap()
+    );
+    assert_eq!(
+        LabelDb::open(&run_dir.join("labels.db"))
+            .unwrap()
+            .spent()
+            .unwrap(),
+        60
+    );
+}
+
+#[test]
+fn time_budget_shortens_the_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc, pipeline) = setup(root);
+    // A budget the rounds alone use up: the stage stops once its step rate is measured.
+    let out =
+        run(semi_finetune(root, &data, &enc, &pipeline, "short").args(["--time-budget", "0.001"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("time budget"), "{}", stderr(&out));
+    let s = summary(&root.join("short"));
+    assert_eq!(s["semi"]["steps"], 20, "{}", s["semi"]);
+    assert_eq!(s["labels_bought"], 60);
+
+    let out = run(semi_finetune(root, &data, &enc, &pipeline, "bad").args(["--time-budget", "0"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--time-budget"), "{}", stderr(&out));
+}
