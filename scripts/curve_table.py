@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Collects the label-curve runs (<out>/<strategy>-s<seed>/metrics.csv, summary.json) into
 curve.csv (one row per run and budget), curve.md (mean, spread over seeds) and, with --plot,
-curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds)."""
+curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds).
+With --semi: one run per budget (<out>/<strategy>-s<seed>-b<budget>/summary.json), each strategy
+shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage."""
 import argparse
 import csv
 import json
@@ -15,11 +17,27 @@ p.add_argument("--budgets", nargs="+", type=int, required=True)
 p.add_argument("--strategies", nargs="+", required=True)
 p.add_argument("--seeds", nargs="+", type=int, required=True)
 p.add_argument("--plot", action="store_true")
+p.add_argument("--semi", action="store_true")
 a = p.parse_args()
 out = Path(a.out)
 
 rows = []
-for strategy in a.strategies:
+names = list(a.strategies)
+if a.semi:
+    names = [n for s in a.strategies for n in (s, f"{s} + fixmatch")]
+for strategy in a.strategies if a.semi else []:
+    for seed in a.seeds:
+        for b in a.budgets:
+            summary = json.loads((out / f"{strategy}-s{seed}-b{b}" / "summary.json").read_text())
+            semi = summary["semi"]
+            for name, acc, val in [
+                (strategy, semi["test_accuracy_before"], semi["validation_accuracy_before"]),
+                (f"{strategy} + fixmatch", summary["test_accuracy"], semi["validation_accuracy"]),
+            ]:
+                rows.append({"strategy": name, "seed": seed, "labels": b, "test_accuracy": acc,
+                             "validation_accuracy": val,
+                             "run_seconds": round(summary["seconds"], 1)})
+for strategy in [] if a.semi else a.strategies:
     for seed in a.seeds:
         run = out / f"{strategy}-s{seed}"
         summary = json.loads((run / "summary.json").read_text())
@@ -58,7 +76,7 @@ def cell(values):
 
 lines = ["| strategy | " + " | ".join(f"{b} labels" for b in a.budgets) + " |",
          "|---|" + "---|" * len(a.budgets)]
-for strategy in a.strategies:
+for strategy in names:
     cells = []
     for b in a.budgets:
         v = [r["test_accuracy"] for r in table if r["strategy"] == strategy and r["labels"] == b]
@@ -74,7 +92,7 @@ if a.plot:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in a.strategies:
+    for strategy in names:
         xs = sorted({r["labels"] for r in rows if r["strategy"] == strategy})
         acc = [[r["test_accuracy"] * 100 for r in rows
                 if r["strategy"] == strategy and r["labels"] == x] for x in xs]

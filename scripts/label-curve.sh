@@ -2,14 +2,20 @@
 # The label-efficiency curve: strategies x budgets x seeds from one pretrained encoder.
 #
 #   scripts/label-curve.sh [--encoder DIR] [--strategies "random margin-kcenter"]
-#                          [--budgets "1000 2000"] [--seeds "1 2 3"] [--out DIR] [-- FINETUNE FLAGS]
+#                          [--budgets "1000 2000"] [--seeds "1 2 3"] [--out DIR] [--semi]
+#                          [-- FINETUNE FLAGS]
 #
 # For each strategy and seed it runs ONE `frugal finetune` to the largest budget; the model of each
 # smaller budget is the one trained in the round that reached it (metrics.csv), which is exactly
 # what a run with that smaller budget trains (same seed, same rounds, same picks: runs are
 # deterministic; README says how this was checked). Budgets must therefore lie on the round
 # schedule (--initial + k * --per-round). The random strategy uses a random cold start, the others
-# the label-free k-means cold start. Runs that exist are resumed (or skipped when finished).
+# the label-free k-means cold start; `typiclust` is not a strategy of `finetune` but the k-means
+# cold start buying the whole budget at once (--initial = budget).
+# --semi: the semi-supervised stage (`--semi fixmatch`) trains the final model after the last
+# purchase, so every budget is its own run (<strategy>-s<seed>-b<budget>); the table shows each
+# strategy before and after the stage.
+# Runs that exist are resumed (or skipped when finished).
 # Writes <out>/curve.csv, <out>/curve.md and <out>/curve.png (plot needs matplotlib: installed into
 # .venv on demand).
 set -euo pipefail
@@ -20,6 +26,7 @@ strategies="random margin-kcenter"
 budgets="1000 2000"
 seeds="1 2 3"
 out=checkpoints/label-curve
+semi=0
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,8 +35,9 @@ while [ $# -gt 0 ]; do
         --budgets) budgets=$2; shift 2 ;;
         --seeds) seeds=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --semi) semi=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,27 +48,48 @@ bin=${FRUGAL_BIN:-target/release/frugal}
 max=$(printf '%s\n' $budgets | sort -n | tail -1)
 mkdir -p "$out"
 
+# One finetune run (name, flags...): skipped when finished, resumed when started.
+finetune() {
+    local run=$1
+    shift
+    local flags=(finetune "$@" --checkpoints "$out" --run "$run" "${extra[@]}")
+    if [ -f "$out/$run/summary.json" ]; then
+        echo "== $run: done already"
+    elif [ -f "$out/$run/config.toml" ]; then
+        echo "== $run: resuming"
+        "$bin" "${flags[@]}" --resume
+    else
+        echo "== $run"
+        "$bin" "${flags[@]}"
+    fi
+}
+
 for strategy in $strategies; do
-    cold=kmeans
-    [ "$strategy" = random ] && cold=random
+    case $strategy in
+        random) plan=(--strategy random --cold-start random) ;;
+        typiclust) plan=(--cold-start kmeans) ;;
+        *) plan=(--strategy "$strategy" --cold-start kmeans) ;;
+    esac
     for seed in $seeds; do
-        run="$strategy-s$seed"
-        flags=(finetune --encoder "$encoder" --labels "$max" --strategy "$strategy"
-               --cold-start "$cold" --seed "$seed" --checkpoints "$out" --run "$run" "${extra[@]}")
-        if [ -f "$out/$run/summary.json" ]; then
-            echo "== $run: done already"
-            continue
-        elif [ -f "$out/$run/config.toml" ]; then
-            echo "== $run: resuming"
-            "$bin" "${flags[@]}" --resume
+        if [ "$semi" = 1 ]; then
+            for b in $budgets; do
+                initial=()
+                [ "$strategy" = typiclust ] && initial=(--initial "$b")
+                finetune "$strategy-s$seed-b$b" --encoder "$encoder" --labels "$b" "${plan[@]}" \
+                    "${initial[@]}" --semi fixmatch --seed "$seed"
+            done
         else
-            echo "== $run"
-            "$bin" "${flags[@]}"
+            initial=()
+            [ "$strategy" = typiclust ] && initial=(--initial "$max")
+            finetune "$strategy-s$seed" --encoder "$encoder" --labels "$max" "${plan[@]}" \
+                "${initial[@]}" --seed "$seed"
         fi
     done
 done
 
-python3 scripts/curve_table.py --out "$out" --budgets $budgets --strategies $strategies --seeds $seeds
+table=(--out "$out" --budgets $budgets --strategies $strategies --seeds $seeds)
+[ "$semi" = 1 ] && table+=(--semi)
+python3 scripts/curve_table.py "${table[@]}"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q matplotlib
-.venv/bin/python scripts/curve_table.py --out "$out" --budgets $budgets --strategies $strategies --seeds $seeds --plot
+.venv/bin/python scripts/curve_table.py "${table[@]}" --plot

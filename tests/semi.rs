@@ -55,7 +55,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
     let semi = &s["semi"];
     // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass, 4 passes.
     assert_eq!(semi["steps"], 76, "{semi}");
-    assert!(semi["best_step"].as_u64().unwrap() <= 76);
+    assert!(semi["kept_step"].as_u64().unwrap() <= 76);
     assert!(semi["test_accuracy_before"].as_f64().is_some());
     // Pseudo-labels are never bought: the ledger holds the budget, no more.
     let db = LabelDb::open(&root.join("straight/labels.db")).unwrap();
@@ -103,7 +103,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
     );
     let k = summary(&run_dir);
     assert_eq!(k["semi"]["steps"], 76);
-    assert_eq!(k["semi"]["best_step"], semi["best_step"]);
+    assert_eq!(k["semi"]["kept_step"], semi["kept_step"]);
     assert_eq!(
         k["semi"]["validation_accuracy"],
         semi["validation_accuracy"]

@@ -242,6 +242,28 @@ pub enum SemiMethod {
     Fixmatch,
 }
 
+/// How a pool image's pseudo-label is judged confident enough to learn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SemiThresholds {
+    /// FixMatch: top probability >= `threshold`, whatever the class.
+    Fixed,
+    /// FlexMatch (curriculum pseudo-labelling): each class's threshold is `threshold` scaled by
+    /// how many pool images the model already predicts confidently as that class, so classes it
+    /// finds hard (shirt, pullover, coat) get lower thresholds and learn sooner.
+    Flex,
+}
+
+/// Which weights of the stage become the final classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SemiKeep {
+    /// The moving average at the end of the schedule (FixMatch's protocol; no label decides).
+    Last,
+    /// The moving average at the validation with the best accuracy on the held-out bought labels.
+    BestValidation,
+}
+
 /// The semi-supervised stage that trains the final classifier after the last purchase
 /// (`[semi]`). Pseudo-labels never reach the label database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,8 +273,11 @@ pub struct SemiConfig {
     /// Passes over the unlabeled pool (`labeled_batch * unlabeled_ratio` pool images per step);
     /// `time_budget_minutes` may end the stage sooner.
     pub epochs: f64,
-    /// A pool image's pseudo-label counts when the weak view's top class probability reaches this.
+    /// A pool image's pseudo-label counts when the weak view's top class probability reaches this
+    /// (with `thresholds = "flex"`: the highest of the per-class thresholds).
     pub threshold: f64,
+    pub thresholds: SemiThresholds,
+    pub keep: SemiKeep,
     /// Bought (training) images per step.
     pub labeled_batch: usize,
     /// Pool images per bought image in a step (FixMatch's mu).
@@ -265,6 +290,9 @@ pub struct SemiConfig {
     pub warmup_steps: u64,
     pub min_lr_ratio: f64,
     pub weight_decay: f64,
+    /// Decay of the exponential moving average of the weights that is validated and kept
+    /// (0: the weights themselves).
+    pub ema_decay: f64,
     /// Validation (on the held-out bought labels) every this many steps and at the end; the
     /// best validation accuracy picks the final weights.
     pub eval_every: u64,
@@ -280,6 +308,8 @@ impl Default for SemiConfig {
             method: SemiMethod::None,
             epochs: 10.0,
             threshold: 0.95,
+            thresholds: SemiThresholds::Flex,
+            keep: SemiKeep::Last,
             labeled_batch: 32,
             unlabeled_ratio: 7,
             unlabeled_weight: 1.0,
@@ -287,6 +317,7 @@ impl Default for SemiConfig {
             warmup_steps: 50,
             min_lr_ratio: 0.05,
             weight_decay: 1e-4,
+            ema_decay: 0.999,
             eval_every: 100,
             checkpoint_minutes: 5.0,
             strong: ViewAugmentConfig {
@@ -445,6 +476,9 @@ impl FinetuneConfig {
             }
             if !(s.weight_decay.is_finite() && s.weight_decay >= 0.0) {
                 bail!("semi.weight_decay must be >= 0");
+            }
+            if !(0.0..1.0).contains(&s.ema_decay) {
+                bail!("semi.ema_decay must be in [0, 1)");
             }
             if !(0.0..=1.0).contains(&s.min_lr_ratio) {
                 bail!("semi.min_lr_ratio must be in [0, 1]");

@@ -37,7 +37,7 @@ use crate::pretrain::ProjectorSample;
 use crate::progress::{images_bar, log};
 use crate::run::{MetricsCsv, RunDir};
 use crate::tensorboard::{image_grid, EventWriter};
-use config::{ColdStart, FinetuneConfig, Freeze, SemiMethod};
+use config::{ColdStart, FinetuneConfig, Freeze, SemiKeep, SemiMethod};
 use encoder::load_encoder;
 use report::{per_class_map, ConfusionMatrix, FinetuneSummary, SemiSummary};
 use semi::{SemiBlobs, SemiProgress, SemiState};
@@ -191,7 +191,9 @@ impl BackendJob for FinetuneJob {
                 let blob =
                     |name: &str| -> Result<Vec<u8>> { Ok(ck.blob(&ckpt_path, name)?.to_vec()) };
                 let blobs = SemiBlobs {
+                    learned: blob("semi_learned")?,
                     model: blob("semi_model")?,
+                    ema: blob("semi_ema")?,
                     best: blob("semi_best")?,
                     optimizer: blob("semi_optimizer")?,
                 };
@@ -484,7 +486,7 @@ impl BackendJob for FinetuneJob {
             let final_model = state.best.clone();
             let test_items: Vec<usize> = (0..test_images.len()).collect();
             let scores = score(
-                &final_model.valid(),
+                &final_model,
                 &image_inputs,
                 Set::Test,
                 &test_items,
@@ -494,13 +496,16 @@ impl BackendJob for FinetuneJob {
                 &device,
             )?;
             let p = &state.progress;
-            let best = p.best.clone();
+            let best = match cfg.semi.keep {
+                SemiKeep::Last => p.last.clone(),
+                SemiKeep::BestValidation => p.best.clone(),
+            };
             let after = ConfusionMatrix::new(&scores.probs, &test_labels).accuracy();
             log(
                 None,
                 &format!(
-                    "semi-supervised stage: validation accuracy {:.2}% (step {}) against {:.2}% \
-                     before; test accuracy {:.2}% against {:.2}% before (report only), {:.0} s",
+                    "semi-supervised stage: validation accuracy {:.2}% (kept step {}) against \
+                     {:.2}% before; test accuracy {:.2}% against {:.2}% before (report only), {:.0} s",
                     100.0 * best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
                     best.as_ref().map_or(0, |b| b.step),
                     100.0 * training.validation_accuracy,
@@ -515,7 +520,7 @@ impl BackendJob for FinetuneJob {
                 method: "fixmatch".into(),
                 steps: p.step,
                 passes: p.step as f64 * passes_per_step,
-                best_step: best.as_ref().map_or(0, |b| b.step),
+                kept_step: best.as_ref().map_or(0, |b| b.step),
                 validation_accuracy: best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
                 test_accuracy_before: before,
                 validation_accuracy_before: training.validation_accuracy,
@@ -524,7 +529,7 @@ impl BackendJob for FinetuneJob {
             semi_state = Some(state);
             (final_model, scores.probs, &image_inputs)
         } else {
-            (model.clone(), test_probs, &inputs)
+            (model.valid(), test_probs, &inputs)
         };
 
         // The end: predictions, confusion matrix, projector, summary.
@@ -536,7 +541,7 @@ impl BackendJob for FinetuneJob {
         tb.add_image("test/confusion_matrix", &cm.image(24), step)?;
         if cfg.report.projector_samples > 0 {
             let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
-            let inner = final_model.valid();
+            let inner = final_model.clone();
             let linear = cfg.model.hidden == 0;
             let emb = score(
                 &inner,
@@ -836,7 +841,9 @@ impl CheckpointWriter<'_> {
         let mut blobs = vec![("model".into(), module_to_bytes::<B, _>(model.clone())?)];
         if let Some(state) = semi {
             let b = state.blobs()?;
+            blobs.push(("semi_learned".into(), b.learned));
             blobs.push(("semi_model".into(), b.model));
+            blobs.push(("semi_ema".into(), b.ema));
             blobs.push(("semi_best".into(), b.best));
             blobs.push(("semi_optimizer".into(), b.optimizer));
         }

@@ -139,8 +139,8 @@ pub struct SemiSummary {
     pub steps: u64,
     /// Passes over the unlabeled pool.
     pub passes: f64,
-    /// The step whose weights were kept (best validation accuracy).
-    pub best_step: u64,
+    /// The step whose weights were kept (the last, or the best validation, as `semi.keep` says).
+    pub kept_step: u64,
     pub validation_accuracy: f64,
     /// Test accuracy of the last round's classifier, before the stage (report only).
     pub test_accuracy_before: f64,

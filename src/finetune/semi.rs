@@ -27,14 +27,14 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config::FinetuneConfig;
+use super::config::{FinetuneConfig, SemiKeep, SemiThresholds};
 use super::train::{accuracy_and_loss, argmax, keep_mask, score, Inputs, Set};
-use crate::checkpoint::{record_from_bytes, record_to_bytes};
+use crate::checkpoint::{module_to_bytes, record_from_bytes, record_to_bytes};
 use crate::config::warmup_cosine;
 use crate::data::augment::{augment_view, item_rng, shift_flip};
 use crate::data::batch::{rng_for, stream};
 use crate::data::{CLASS_NAMES, IMAGE_SIDE};
-use crate::models::{host_values, Classifier, ClassifierInput, Encoder};
+use crate::models::{ema_update, host_values, Classifier, ClassifierInput, Encoder};
 use crate::progress::{images_bar, log};
 use crate::tensorboard::EventWriter;
 
@@ -78,28 +78,43 @@ pub struct SemiProgress {
 
 /// The stage's weights and optimizer as checkpoint blobs.
 pub struct SemiBlobs {
+    /// FlexMatch's per-image state ([`SemiState::learned`]).
+    pub learned: Vec<u8>,
     pub model: Vec<u8>,
+    pub ema: Vec<u8>,
     pub best: Vec<u8>,
     pub optimizer: Vec<u8>,
 }
 
 /// What the caller saves and what a resume starts from.
 pub struct SemiState<B: AutodiffBackend> {
+    /// The weights the optimizer trains.
     pub model: Classifier<B>,
-    pub best: Classifier<B>,
+    /// Their exponential moving average (`semi.ema_decay`): what is validated and kept.
+    pub ema: Classifier<B::InnerBackend>,
+    /// The average at the best validation so far: the stage's result.
+    pub best: Classifier<B::InnerBackend>,
     pub progress: SemiProgress,
     /// The Adam state record, as bytes (absent before the first step).
     pub optimizer: Option<Vec<u8>>,
+    /// FlexMatch: per pool image, the class it was last predicted as with top probability above
+    /// `threshold`, or [`NOT_LEARNED`]. Empty until the first step.
+    pub learned: Vec<u8>,
 }
+
+/// [`SemiState::learned`] of an image never predicted confidently.
+pub const NOT_LEARNED: u8 = u8::MAX;
 
 impl<B: AutodiffBackend> SemiState<B> {
     /// A fresh stage from `init`.
     pub fn start(init: Classifier<B>) -> Self {
         Self {
-            best: init.clone(),
+            ema: init.valid(),
+            best: init.valid(),
             model: init,
             progress: SemiProgress::default(),
             optimizer: None,
+            learned: Vec::new(),
         }
     }
 
@@ -110,24 +125,33 @@ impl<B: AutodiffBackend> SemiState<B> {
         blobs: SemiBlobs,
         device: &B::Device,
     ) -> Result<Self> {
-        let model = skeleton
+        let inner = skeleton.valid();
+        let ema = inner
             .clone()
-            .load_record(record_from_bytes::<B, _>(&blobs.model, device)?);
-        let best = skeleton.load_record(record_from_bytes::<B, _>(&blobs.best, device)?);
+            .load_record(record_from_bytes::<B::InnerBackend, _>(&blobs.ema, device)?);
+        let best = inner.load_record(record_from_bytes::<B::InnerBackend, _>(
+            &blobs.best,
+            device,
+        )?);
+        let model = skeleton.load_record(record_from_bytes::<B, _>(&blobs.model, device)?);
         Ok(Self {
             model,
+            ema,
             best,
             progress,
             optimizer: Some(blobs.optimizer),
+            learned: blobs.learned,
         })
     }
 
     /// The checkpoint blobs of this state.
     pub fn blobs(&self) -> Result<SemiBlobs> {
         Ok(SemiBlobs {
-            model: crate::checkpoint::module_to_bytes::<B, _>(self.model.clone())?,
-            best: crate::checkpoint::module_to_bytes::<B, _>(self.best.clone())?,
+            model: module_to_bytes::<B, _>(self.model.clone())?,
+            ema: module_to_bytes::<B::InnerBackend, _>(self.ema.clone())?,
+            best: module_to_bytes::<B::InnerBackend, _>(self.best.clone())?,
             optimizer: self.optimizer.clone().unwrap_or_default(),
+            learned: self.learned.clone(),
         })
     }
 }
@@ -180,6 +204,38 @@ pub fn unfreeze<B: Backend>(
         encoder: Some(encoder),
         hidden,
         out,
+    }
+}
+
+/// Each class's confidence threshold for this step. `learned[c]`: pool images last predicted as
+/// `c` above `threshold`; `n`: pool images. FlexMatch (Zhang et al. 2021): `beta_c = learned[c] /
+/// max(max_c learned[c], n - sum learned)` (the second term warms the thresholds up while most
+/// images are unlearnt), threshold `threshold * beta_c / (2 - beta_c)`.
+pub fn class_thresholds(
+    mode: SemiThresholds,
+    threshold: f64,
+    learned: &[usize],
+    n: usize,
+) -> Vec<f64> {
+    match mode {
+        SemiThresholds::Fixed => vec![threshold; learned.len()],
+        SemiThresholds::Flex => {
+            let unlearnt = n.saturating_sub(learned.iter().sum());
+            let top = learned
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .max(unlearnt)
+                .max(1) as f64;
+            learned
+                .iter()
+                .map(|&l| {
+                    let beta = l as f64 / top;
+                    threshold * beta / (2.0 - beta)
+                })
+                .collect()
+        }
     }
 }
 
@@ -304,6 +360,16 @@ pub fn train_semi<B: AutodiffBackend>(
     let mut pending: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
     let mut masked = (0usize, 0usize);
     let classes = CLASS_NAMES.len();
+    if state.learned.len() != pool.len() {
+        state.learned = vec![NOT_LEARNED; pool.len()];
+    }
+    // FlexMatch's counts: pool images learnt per class, and those not learnt yet.
+    let mut learned_count = vec![0usize; classes];
+    for &item in pool_items {
+        if let Some(n) = learned_count.get_mut(state.learned[item] as usize) {
+            *n += 1;
+        }
+    }
     while state.progress.step < state.progress.total_steps {
         let step = state.progress.step;
         // Data: bought images (weak view), pool images (weak and strong views).
@@ -350,9 +416,18 @@ pub fn train_semi<B: AutodiffBackend>(
         ))?;
         let mut targets: Vec<i64> = picks.iter().map(|&j| labeled[j].1 as i64).collect();
         let mut weights: Vec<f32> = vec![1.0 / nl as f32; nl];
-        for row in weak_probs.chunks(classes) {
+        let thresholds =
+            class_thresholds(s.thresholds, s.threshold, &learned_count, pool_items.len());
+        for (row, &item) in weak_probs.chunks(classes).zip(&unl) {
             let c = argmax(row);
-            let confident = row[c] as f64 >= s.threshold;
+            let confident = row[c] as f64 >= thresholds[c];
+            if row[c] as f64 > s.threshold && state.learned[item] != c as u8 {
+                if let Some(n) = learned_count.get_mut(state.learned[item] as usize) {
+                    *n -= 1;
+                }
+                learned_count[c] += 1;
+                state.learned[item] = c as u8;
+            }
             targets.push(c as i64);
             weights.push(if confident {
                 (s.unlabeled_weight / nu as f64) as f32
@@ -400,6 +475,14 @@ pub fn train_semi<B: AutodiffBackend>(
         let grads = GradientsParams::from_grads(loss.backward(), &state.model);
         state.model = optim.step(lr, state.model, grads);
         state.progress.step += 1;
+        state.ema = if s.ema_decay > 0.0 {
+            // The usual ramp: a young average follows the weights closely.
+            let t = state.progress.step as f64;
+            let decay = s.ema_decay.min((1.0 + t) / (10.0 + t));
+            ema_update(state.ema, &state.model.valid(), decay)
+        } else {
+            state.model.valid()
+        };
         bar.inc(nu as u64);
 
         // The time budget fixes the length once the step rate is known.
@@ -448,7 +531,7 @@ pub fn train_semi<B: AutodiffBackend>(
                 (f64::NAN, f64::NAN)
             } else {
                 let scores = score(
-                    &state.model.valid(),
+                    &state.ema,
                     inputs,
                     Set::Pool,
                     &val_items,
@@ -477,8 +560,10 @@ pub fn train_semi<B: AutodiffBackend>(
                 }
             };
             if better {
-                state.best = state.model.clone();
                 state.progress.best = Some(eval.clone());
+            }
+            if better && s.keep == SemiKeep::BestValidation || last && s.keep == SemiKeep::Last {
+                state.best = state.ema.clone();
             }
             let at = state.progress.step;
             tb.add_scalar("semi/loss_labeled", labeled_loss as f32, at)?;
@@ -549,6 +634,25 @@ mod tests {
         for (a, b) in expected.iter().zip(&got) {
             assert!((a - b).abs() < 1e-4, "{expected:?} vs {got:?}");
         }
+    }
+
+    #[test]
+    fn flex_thresholds_warm_up_and_favour_hard_classes() {
+        let fixed = class_thresholds(SemiThresholds::Fixed, 0.95, &[0, 5, 9], 100);
+        assert_eq!(fixed, vec![0.95; 3]);
+        // Nothing learnt yet: every threshold is 0 (all pseudo-labels count at first).
+        assert_eq!(
+            class_thresholds(SemiThresholds::Flex, 0.95, &[0, 0, 0], 100),
+            vec![0.0; 3]
+        );
+        // All learnt: the most learnt class keeps the full threshold, the others less.
+        let t = class_thresholds(SemiThresholds::Flex, 0.95, &[50, 30, 20], 100);
+        assert!((t[0] - 0.95).abs() < 1e-12);
+        assert!((t[1] - 0.95 * 0.6 / 1.4).abs() < 1e-12);
+        assert!(t[2] < t[1] && t[1] < t[0]);
+        // Mostly unlearnt: the unlearnt count scales all of them down.
+        let warm = class_thresholds(SemiThresholds::Flex, 0.95, &[20, 10, 0], 100);
+        assert!((warm[0] - 0.95 * (20.0 / 70.0) / (2.0 - 20.0 / 70.0)).abs() < 1e-12);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub use simclr::{Simclr, SimclrConfig};
 pub use vae::{Vae, VaeConfig, VaeOutput};
 
 use anyhow::Result;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// A tensor's values on the host, as f32 (for reports; never inside the training step).
@@ -23,6 +23,43 @@ pub fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<V
         .convert::<f32>()
         .to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("cannot copy a tensor to the host: {e:?}"))
+}
+
+/// The exponential moving average of weights: every float parameter of `ema` becomes
+/// `decay * ema + (1 - decay) * model`. Both modules must have the same structure (e.g. `ema` a
+/// copy of `model` from earlier), which fixes the order the parameters are visited in.
+pub fn ema_update<B: Backend, M: Module<B>>(ema: M, model: &M, decay: f64) -> M {
+    struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
+    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let t = param.val();
+            let n = t.shape().num_elements();
+            self.0.push(t.reshape([n]));
+        }
+    }
+    struct Blend<B: Backend> {
+        source: std::vec::IntoIter<Tensor<B, 1>>,
+        decay: f64,
+    }
+    impl<B: Backend> ModuleMapper<B> for Blend<B> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let blended = match self.source.next() {
+                Some(src) => {
+                    let shape = tensor.shape();
+                    tensor.mul_scalar(self.decay) + src.reshape(shape).mul_scalar(1.0 - self.decay)
+                }
+                None => tensor,
+            };
+            Param::from_mapped_value(id, blended, mapper)
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    ema.map(&mut Blend {
+        source: collect.0.into_iter(),
+        decay,
+    })
 }
 
 /// Every float parameter of `module` with its dotted path (e.g. `encoder.conv1.weight`), copied
