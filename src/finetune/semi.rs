@@ -208,34 +208,28 @@ pub fn unfreeze<B: Backend>(
 }
 
 /// Each class's confidence threshold for this step. `learned[c]`: pool images last predicted as
-/// `c` above `threshold`; `n`: pool images. FlexMatch (Zhang et al. 2021): `beta_c = learned[c] /
-/// max(max_c learned[c], n - sum learned)` (the second term warms the thresholds up while most
-/// images are unlearnt), threshold `threshold * beta_c / (2 - beta_c)`.
+/// `c` above `threshold`; `n`: pool images. FlexMatch (Zhang et al. 2021) without its threshold
+/// warm-up: `beta_c = learned[c] / max_c learned[c]`, threshold `threshold * beta_c / (2 -
+/// beta_c)`; the full `threshold` for every class until some image is learnt. The warm-up (`n -
+/// sum learned` in the denominator) is left out: on Fashion-MNIST about 40% of the pool never
+/// reaches a 0.95 top probability in a CPU-sized run, which kept every threshold near 0 (every
+/// pseudo-label counted, a label-free signal logged as `semi/confident_share`).
 pub fn class_thresholds(
     mode: SemiThresholds,
     threshold: f64,
     learned: &[usize],
     n: usize,
 ) -> Vec<f64> {
+    let top = learned.iter().copied().max().unwrap_or(0);
     match mode {
-        SemiThresholds::Fixed => vec![threshold; learned.len()],
-        SemiThresholds::Flex => {
-            let unlearnt = n.saturating_sub(learned.iter().sum());
-            let top = learned
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(0)
-                .max(unlearnt)
-                .max(1) as f64;
-            learned
-                .iter()
-                .map(|&l| {
-                    let beta = l as f64 / top;
-                    threshold * beta / (2.0 - beta)
-                })
-                .collect()
-        }
+        SemiThresholds::Flex if top > 0 && n > 0 => learned
+            .iter()
+            .map(|&l| {
+                let beta = l as f64 / top as f64;
+                threshold * beta / (2.0 - beta)
+            })
+            .collect(),
+        _ => vec![threshold; learned.len()],
     }
 }
 
@@ -637,22 +631,16 @@ mod tests {
     }
 
     #[test]
-    fn flex_thresholds_warm_up_and_favour_hard_classes() {
+    fn flex_thresholds_favour_hard_classes() {
         let fixed = class_thresholds(SemiThresholds::Fixed, 0.95, &[0, 5, 9], 100);
         assert_eq!(fixed, vec![0.95; 3]);
-        // Nothing learnt yet: every threshold is 0 (all pseudo-labels count at first).
-        assert_eq!(
-            class_thresholds(SemiThresholds::Flex, 0.95, &[0, 0, 0], 100),
-            vec![0.0; 3]
-        );
-        // All learnt: the most learnt class keeps the full threshold, the others less.
-        let t = class_thresholds(SemiThresholds::Flex, 0.95, &[50, 30, 20], 100);
+        // Nothing learnt yet: the fixed threshold.
+        assert_eq!(class_thresholds(SemiThresholds::Flex, 0.95, &[0, 0, 0], 100), vec![0.95; 3]);
+        // The most learnt class keeps the full threshold, the others less, by the convex warp.
+        let t = class_thresholds(SemiThresholds::Flex, 0.95, &[50, 30, 0], 100);
         assert!((t[0] - 0.95).abs() < 1e-12);
         assert!((t[1] - 0.95 * 0.6 / 1.4).abs() < 1e-12);
-        assert!(t[2] < t[1] && t[1] < t[0]);
-        // Mostly unlearnt: the unlearnt count scales all of them down.
-        let warm = class_thresholds(SemiThresholds::Flex, 0.95, &[20, 10, 0], 100);
-        assert!((warm[0] - 0.95 * (20.0 / 70.0) / (2.0 - 20.0 / 70.0)).abs() < 1e-12);
+        assert_eq!(t[2], 0.0);
     }
 
     #[test]
