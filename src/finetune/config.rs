@@ -521,7 +521,11 @@ mod tests {
     #[test]
     fn shipped_pipelines_parse_and_the_main_one_is_the_default() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-        for name in ["fashion-finetune.toml", "smoke-finetune.toml"] {
+        for name in [
+            "fashion-finetune.toml",
+            "smoke-finetune.toml",
+            "fashion-semi.toml",
+        ] {
             let cfg = FinetuneConfig::from_file(&dir.join(name)).unwrap();
             cfg.validate(None).unwrap();
             let back: FinetuneConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
@@ -529,6 +533,15 @@ mod tests {
         }
         let main = FinetuneConfig::from_file(&dir.join("fashion-finetune.toml")).unwrap();
         assert_eq!(main, FinetuneConfig::default());
+        // The semi pipeline's [semi] is the built-in stage, switched on.
+        let semi = FinetuneConfig::from_file(&dir.join("fashion-semi.toml")).unwrap();
+        assert_eq!(
+            semi.semi,
+            SemiConfig {
+                method: SemiMethod::Fixmatch,
+                ..SemiConfig::default()
+            }
+        );
     }
 
     #[test]

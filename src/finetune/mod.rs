@@ -330,17 +330,7 @@ impl BackendJob for FinetuneJob {
 
             // The report: the test set is scored here and never feeds a decision.
             let inner = model.valid();
-            let test_items: Vec<usize> = (0..test_images.len()).collect();
-            let test_scores = score(
-                &inner,
-                &inputs,
-                Set::Test,
-                &test_items,
-                &cfg,
-                false,
-                0,
-                &device,
-            )?;
+            let test_scores = score_test(&inner, &inputs, &cfg, &device)?;
             let cm = ConfusionMatrix::new(&test_scores.probs, &test_labels);
             let step = pool.spent();
             tb.add_scalar("labels/spent", step as f32, step)?;
@@ -484,17 +474,7 @@ impl BackendJob for FinetuneJob {
                 )?
             };
             let final_model = state.best.clone();
-            let test_items: Vec<usize> = (0..test_images.len()).collect();
-            let scores = score(
-                &final_model,
-                &image_inputs,
-                Set::Test,
-                &test_items,
-                &cfg,
-                false,
-                0,
-                &device,
-            )?;
+            let scores = score_test(&final_model, &image_inputs, &cfg, &device)?;
             let p = &state.progress;
             let best = match cfg.semi.keep {
                 SemiKeep::Last => p.last.clone(),
@@ -606,6 +586,17 @@ impl BackendJob for FinetuneJob {
         )?;
         Ok(summary)
     }
+}
+
+/// The classifier's probabilities on the whole test set: for the report, never for a decision.
+fn score_test<B: Backend>(
+    model: &Classifier<B>,
+    inputs: &Inputs,
+    cfg: &FinetuneConfig,
+    device: &B::Device,
+) -> Result<train::Scores> {
+    let items: Vec<usize> = (0..inputs.test.len()).collect();
+    score(model, inputs, Set::Test, &items, cfg, false, 0, device)
 }
 
 /// Opens the label database (checking that it belongs to this pool), or creates it from the

@@ -635,7 +635,10 @@ mod tests {
         let fixed = class_thresholds(SemiThresholds::Fixed, 0.95, &[0, 5, 9], 100);
         assert_eq!(fixed, vec![0.95; 3]);
         // Nothing learnt yet: the fixed threshold.
-        assert_eq!(class_thresholds(SemiThresholds::Flex, 0.95, &[0, 0, 0], 100), vec![0.95; 3]);
+        assert_eq!(
+            class_thresholds(SemiThresholds::Flex, 0.95, &[0, 0, 0], 100),
+            vec![0.95; 3]
+        );
         // The most learnt class keeps the full threshold, the others less, by the convex warp.
         let t = class_thresholds(SemiThresholds::Flex, 0.95, &[50, 30, 0], 100);
         assert!((t[0] - 0.95).abs() < 1e-12);
