@@ -492,6 +492,14 @@ impl FinetuneConfig {
             if !(m.is_finite() && m > 0.0) {
                 bail!("--time-budget must be a positive number of minutes, got {m}");
             }
+            // Only the semi-supervised stage adapts to the budget; silently ignoring it would let a
+            // user believe the rounds were limited.
+            if s.method == SemiMethod::None {
+                bail!(
+                    "--time-budget limits the semi-supervised stage, which is off: add --semi \
+                     fixmatch, or drop --time-budget"
+                );
+            }
         }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");
@@ -554,5 +562,19 @@ mod tests {
         let err = cfg.validate(Some(1000)).unwrap_err().to_string();
         assert!(err.contains("larger than the pool"), "{err}");
         cfg.validate(Some(60_000)).unwrap();
+    }
+
+    #[test]
+    fn a_time_budget_needs_the_stage_it_limits() {
+        let mut cfg = FinetuneConfig {
+            time_budget_minutes: Some(10.0),
+            ..FinetuneConfig::default()
+        };
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("--semi fixmatch"), "{err}");
+        cfg.semi.method = SemiMethod::Fixmatch;
+        cfg.validate(None).unwrap();
+        cfg.time_budget_minutes = Some(0.0);
+        assert!(cfg.validate(None).is_err());
     }
 }
