@@ -15,6 +15,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::rows::{self, RowJob, Rows};
+
 /// The shapes of a convolution from images `[c, h, w]` to outputs `[oh, ow]` with a `kh x kw`
 /// kernel. For a transposed convolution, the "image" is its output and the "outputs" its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,23 +225,30 @@ fn taps(g: &ConvGeometry) -> Vec<Tap> {
 /// `col[row, off + oy * ow + ox] = img[c, oy*s + ki - p, ox*s + kj - p]` (0 outside the image),
 /// `row = (c * kh + ki) * kw + kj`, `col` row-major with row length `ld`.
 #[inline(always)]
-fn im2col(g: &ConvGeometry, taps: &[Tap], phased: &[f32], col: &mut [f32], ld: usize, off: usize) {
+fn im2col<R: Rows>(
+    rows: R,
+    g: &ConvGeometry,
+    taps: &[Tap],
+    phased: &[f32],
+    col: &mut [f32],
+    ld: usize,
+    off: usize,
+) {
     let (sh, sw) = (g.stride[0], g.stride[1]);
     let wp = g.w.div_ceil(sw);
     for c in 0..g.c {
         for (k, t) in taps.iter().enumerate() {
             let (ki, row) = (t.ki, c * taps.len() + k);
             let dst = &mut col[row * ld + off..row * ld + off + g.p()];
-            dst[..t.ylo * g.ow].fill(0.0);
-            dst[t.yhi * g.ow..].fill(0.0);
-            let len = t.xhi - t.xlo;
-            for oy in t.ylo..t.yhi {
-                let iy = oy * sh + ki - g.padding[0];
+            rows.zero(&mut dst[..t.ylo * g.ow]);
+            rows.zero(&mut dst[t.yhi * g.ow..]);
+            if t.yhi > t.ylo {
+                // Output row oy reads input row oy * sh + ki - p: consecutive output rows are
+                // sh input rows, sh * sw * wp floats of the phase-split image, apart.
+                let iy = t.ylo * sh + ki - g.padding[0];
                 let src = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
-                let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-                d[..t.xlo].fill(0.0);
-                d[t.xhi..].fill(0.0);
-                d[t.xlo..t.xhi].copy_from_slice(&phased[src..src + len]);
+                let d = &mut dst[t.ylo * g.ow..t.yhi * g.ow];
+                rows.place_rows(d, g.ow, t.xlo, &phased[src..], sh * sw * wp, t.xhi - t.xlo);
             }
         }
     }
@@ -248,21 +257,27 @@ fn im2col(g: &ConvGeometry, taps: &[Tap], phased: &[f32], col: &mut [f32], ld: u
 /// The adjoint of [`im2col`]: adds each column entry onto the pixel it came from, in a
 /// [`phase_split`] layout (`phased` must start zeroed).
 #[inline(always)]
-fn col2im(g: &ConvGeometry, taps: &[Tap], col: &[f32], ld: usize, off: usize, phased: &mut [f32]) {
+fn col2im<R: Rows>(
+    rows: R,
+    g: &ConvGeometry,
+    taps: &[Tap],
+    col: &[f32],
+    ld: usize,
+    off: usize,
+    phased: &mut [f32],
+) {
     let (sh, sw) = (g.stride[0], g.stride[1]);
     let wp = g.w.div_ceil(sw);
     for c in 0..g.c {
         for (k, t) in taps.iter().enumerate() {
             let (ki, row) = (t.ki, c * taps.len() + k);
             let src = &col[row * ld + off..row * ld + off + g.p()];
-            let len = t.xhi - t.xlo;
-            for oy in t.ylo..t.yhi {
-                let iy = oy * sh + ki - g.padding[0];
+            if t.yhi > t.ylo {
+                let iy = t.ylo * sh + ki - g.padding[0];
                 let d = ((c * g.h + iy) * sw + t.r) * wp + t.j0;
-                let s = &src[oy * g.ow + t.xlo..oy * g.ow + t.xlo + len];
-                for (a, b) in phased[d..d + len].iter_mut().zip(s) {
-                    *a += b;
-                }
+                let s = &src[t.ylo * g.ow..t.yhi * g.ow];
+                let len = t.xhi - t.xlo;
+                rows.add_rows(&mut phased[d..], sh * sw * wp, len, s, g.ow, t.xlo);
             }
         }
     }
@@ -360,6 +375,91 @@ fn with_scratch<R>(
     })
 }
 
+/// A vector of `len` floats built in parallel, `chunk` floats per task: `f(i, part)` fills part
+/// `i`, which it receives zeroed. Each part is zeroed just before `f` writes it, while it is in
+/// the core's cache, instead of one pass over the whole (cold) vector beforehand.
+fn par_build(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, part)| {
+            part.fill(std::mem::MaybeUninit::new(0.0));
+            // SAFETY: every element of `part` was initialised just above; `MaybeUninit<f32>` and
+            // `f32` have the same layout.
+            let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            f(i, part);
+        });
+    // SAFETY: the parts cover `0..len`, and each was initialised.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// One chunk of [`conv_forward`]: `b` images of `x` to their outputs in `y`.
+struct ForwardChunk<'a> {
+    g: &'a ConvGeometry,
+    taps: &'a [Tap],
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
+    o: usize,
+    x: &'a [f32],
+    y: &'a mut [f32],
+    /// Scratch: the `[k, b * p]` columns, the `[o, b * p]` product, one phase-split image.
+    col: &'a mut [f32],
+    out: &'a mut [f32],
+    buf: &'a mut [f32],
+}
+
+impl RowJob for ForwardChunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: Rows>(self, rows: R) {
+        let Self {
+            g,
+            taps,
+            weight,
+            bias,
+            o,
+            x,
+            y,
+            col,
+            out,
+            buf,
+        } = self;
+        let (il, k, p) = (g.image_len(), g.k(), g.p());
+        let b = x.len() / il;
+        let ld = b * p;
+        for i in 0..b {
+            let img = phased(g, &x[i * il..(i + 1) * il], buf);
+            im2col(rows, g, taps, img, col, ld, i * p);
+        }
+        let w = View::rows(weight, k);
+        if b == 1 {
+            // One image: the product lands in place, no reordering.
+            matmul((o, p, k), y, p, false, w, View::rows(col, p));
+            if let Some(bs) = bias {
+                for (plane, add) in y.chunks_mut(p).zip(bs) {
+                    plane.iter_mut().for_each(|v| *v += add);
+                }
+            }
+            return;
+        }
+        matmul((o, ld, k), out, ld, false, w, View::rows(col, ld));
+        // [o, b * p] -> [b, o, p], adding the bias.
+        for i in 0..b {
+            for oc in 0..o {
+                let add = bias.map_or(0.0, |bs| bs[oc]);
+                let src = &out[oc * ld + i * p..oc * ld + (i + 1) * p];
+                let dst = &mut y[(i * o + oc) * p..(i * o + oc + 1) * p];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s + add;
+                }
+            }
+        }
+    }
+}
+
 /// Convolution forward: `x [n, c, h, w]`, `weight [o, c * kh * kw]` (row-major `[o, c, kh, kw]`),
 /// optional `bias [o]` -> `[n, o, oh, ow]`.
 pub fn conv_forward(
@@ -373,95 +473,96 @@ pub fn conv_forward(
     let n = x.len() / il.max(1);
     assert_eq!(x.len(), n * il, "conv_forward: input length");
     assert_eq!(weight.len(), o * k, "conv_forward: weight length");
-    let mut y = vec![0.0f32; n * o * p];
     let nb = g.chunk(n);
     let taps = taps(g);
-    y.par_chunks_mut(nb * o * p)
-        .zip(x.par_chunks(nb * il))
-        .for_each(|(yc, xc)| {
-            let b = xc.len() / il;
-            let ld = b * p;
-            simd(|| {
-                with_scratch([k * ld, o * ld, phased_len(g)], |col, out, buf| {
-                    for i in 0..b {
-                        let img = phased(g, &xc[i * il..(i + 1) * il], buf);
-                        im2col(g, &taps, img, col, ld, i * p);
-                    }
-                    let w = View {
-                        data: weight,
-                        rs: k,
-                        cs: 1,
-                    };
-                    if b == 1 {
-                        // One image: the product lands in place, no reordering.
-                        let cv = View {
-                            data: col,
-                            rs: p,
-                            cs: 1,
-                        };
-                        matmul((o, p, k), yc, p, false, w, cv);
-                        if let Some(bs) = bias {
-                            for (plane, add) in yc.chunks_mut(p).zip(bs) {
-                                plane.iter_mut().for_each(|v| *v += add);
-                            }
-                        }
-                        return;
-                    }
-                    let cv = View {
-                        data: col,
-                        rs: ld,
-                        cs: 1,
-                    };
-                    matmul((o, ld, k), out, ld, false, w, cv);
-                    // [o, b * p] -> [b, o, p], adding the bias.
-                    for i in 0..b {
-                        for oc in 0..o {
-                            let add = bias.map_or(0.0, |bs| bs[oc]);
-                            let src = &out[oc * ld + i * p..oc * ld + (i + 1) * p];
-                            let dst = &mut yc[(i * o + oc) * p..(i * o + oc + 1) * p];
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                *d = s + add;
-                            }
-                        }
-                    }
-                })
+    par_build(n * o * p, nb * o * p, |i, y| {
+        let x = &x[i * nb * il..((i + 1) * nb).min(n) * il];
+        let ld = x.len() / il * p;
+        with_scratch([k * ld, o * ld, phased_len(g)], |col, out, buf| {
+            rows::run(ForwardChunk {
+                g,
+                taps: &taps,
+                weight,
+                bias,
+                o,
+                x,
+                y,
+                col,
+                out,
+                buf,
             })
-        });
-    y
-}
-
-/// Runs `f` compiled for AVX-512 where the CPU has it: the helpers it calls (`#[inline(always)]`)
-/// are inlined into it, so their copy and add loops use 512-bit vectors instead of the
-/// x86-64 baseline's 128-bit ones. The products (`gemm`) pick their kernels at run time anyway.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("bmi2")
-        {
-            // SAFETY: the CPU has every feature the function is compiled for (checked above).
-            return unsafe { avx512(f) };
-        }
-    }
-    f()
+        })
+    })
 }
 
 /// Copies `dy [b, o, p]` into `dst [o, b * p]`.
 #[inline(always)]
-fn gather_rows(dy: &[f32], b: usize, o: usize, p: usize, dst: &mut [f32]) {
+fn gather_rows<R: Rows>(rows: R, dy: &[f32], b: usize, o: usize, p: usize, dst: &mut [f32]) {
     let ld = b * p;
     for i in 0..b {
         for oc in 0..o {
-            dst[oc * ld + i * p..oc * ld + (i + 1) * p]
-                .copy_from_slice(&dy[(i * o + oc) * p..(i * o + oc + 1) * p]);
+            rows.copy(
+                &mut dst[oc * ld + i * p..oc * ld + (i + 1) * p],
+                &dy[(i * o + oc) * p..(i * o + oc + 1) * p],
+            );
+        }
+    }
+}
+
+/// One chunk of [`conv_backward_data`]: the gradients `dx` of `b` images from their `dy`.
+struct BackwardDataChunk<'a> {
+    g: &'a ConvGeometry,
+    taps: &'a [Tap],
+    weight: &'a [f32],
+    o: usize,
+    dy: &'a [f32],
+    /// Zeroed on entry.
+    dx: &'a mut [f32],
+    /// Scratch: the `[k, b * p]` columns, the gathered `[o, b * p]` gradient, one phase-split
+    /// image.
+    col: &'a mut [f32],
+    gathered: &'a mut [f32],
+    phased: &'a mut [f32],
+}
+
+impl RowJob for BackwardDataChunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: Rows>(self, rows: R) {
+        let Self {
+            g,
+            taps,
+            weight,
+            o,
+            dy,
+            dx,
+            col,
+            gathered,
+            phased,
+        } = self;
+        let (il, k, p) = (g.image_len(), g.k(), g.p());
+        let b = dy.len() / (o * p);
+        let ld = b * p;
+        // One image's gradient is already the [o, p] matrix.
+        let dy_rows = if b == 1 {
+            dy
+        } else {
+            gather_rows(rows, dy, b, o, p, gathered);
+            &gathered[..]
+        };
+        // Wᵀ: element (r, c) of the [k, o] matrix is weight[c * k + r].
+        let wt = View::cols(weight, k);
+        matmul((k, ld, o), col, ld, false, wt, View::rows(dy_rows, ld));
+        for i in 0..b {
+            let img = &mut dx[i * il..(i + 1) * il];
+            if g.stride[1] == 1 {
+                col2im(rows, g, taps, col, ld, i * p, img);
+            } else {
+                rows.zero(phased);
+                col2im(rows, g, taps, col, ld, i * p, phased);
+                phase_merge(g, phased, img);
+            }
         }
     }
 }
@@ -472,43 +573,86 @@ pub fn conv_backward_data(g: &ConvGeometry, dy: &[f32], weight: &[f32], o: usize
     let n = dy.len() / (o * p).max(1);
     assert_eq!(dy.len(), n * o * p, "conv_backward_data: gradient length");
     assert_eq!(weight.len(), o * k, "conv_backward_data: weight length");
-    let mut dx = vec![0.0f32; n * il];
     let nb = g.chunk(n);
     let taps = taps(g);
-    dx.par_chunks_mut(nb * il)
-        .zip(dy.par_chunks(nb * o * p))
-        .for_each(|(dxc, dyc)| {
-            let b = dyc.len() / (o * p);
-            let ld = b * p;
-            simd(|| {
-                with_scratch([k * ld, o * ld, phased_len(g)], |col, rows, phased| {
-                    gather_rows(dyc, b, o, p, rows);
-                    // Wᵀ: element (r, c) of the [k, o] matrix is weight[c * k + r].
-                    let wt = View {
-                        data: weight,
-                        rs: 1,
-                        cs: k,
-                    };
-                    let r = View {
-                        data: rows,
-                        rs: ld,
-                        cs: 1,
-                    };
-                    matmul((k, ld, o), col, ld, false, wt, r);
-                    for i in 0..b {
-                        let img = &mut dxc[i * il..(i + 1) * il];
-                        if g.stride[1] == 1 {
-                            col2im(g, &taps, col, ld, i * p, img);
-                        } else {
-                            phased.fill(0.0);
-                            col2im(g, &taps, col, ld, i * p, phased);
-                            phase_merge(g, phased, img);
-                        }
-                    }
-                })
+    par_build(n * il, nb * il, |i, dx| {
+        let dy = &dy[i * nb * o * p..((i + 1) * nb).min(n) * o * p];
+        let ld = dy.len() / o;
+        with_scratch([k * ld, o * ld, phased_len(g)], |col, gathered, phased| {
+            rows::run(BackwardDataChunk {
+                g,
+                taps: &taps,
+                weight,
+                o,
+                dy,
+                dx,
+                col,
+                gathered,
+                phased,
             })
-        });
-    dx
+        })
+    })
+}
+
+/// One chunk of [`conv_backward_weight`]: adds the weight and bias gradients of `b` images.
+struct BackwardWeightChunk<'a> {
+    g: &'a ConvGeometry,
+    taps: &'a [Tap],
+    o: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    dw: &'a mut [f32],
+    db: &'a mut [f32],
+    /// Scratch: the `[k, b * p]` columns, the gathered `[o, b * p]` gradient, one phase-split
+    /// image.
+    col: &'a mut [f32],
+    gathered: &'a mut [f32],
+    buf: &'a mut [f32],
+}
+
+impl RowJob for BackwardWeightChunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: Rows>(self, rows: R) {
+        let Self {
+            g,
+            taps,
+            o,
+            x,
+            dy,
+            dw,
+            db,
+            col,
+            gathered,
+            buf,
+        } = self;
+        let (il, k, p) = (g.image_len(), g.k(), g.p());
+        let b = x.len() / il;
+        let ld = b * p;
+        for i in 0..b {
+            let img = phased(g, &x[i * il..(i + 1) * il], buf);
+            im2col(rows, g, taps, img, col, ld, i * p);
+        }
+        let dy_rows = if b == 1 {
+            dy
+        } else {
+            gather_rows(rows, dy, b, o, p, gathered);
+            &gathered[..]
+        };
+        // colᵀ: element (r, c) of the [b * p, k] matrix is col[c * ld + r].
+        matmul(
+            (o, k, ld),
+            dw,
+            k,
+            true,
+            View::rows(dy_rows, ld),
+            View::cols(col, ld),
+        );
+        for (oc, s) in db.iter_mut().enumerate() {
+            *s += dy_rows[oc * ld..(oc + 1) * ld].iter().sum::<f32>();
+        }
+    }
 }
 
 /// Convolution weight and bias gradients: `x [n, c, h, w]`, `dy [n, o, oh, ow]` ->
@@ -528,23 +672,20 @@ pub fn conv_backward_weight(
     let xs: Vec<&[f32]> = x.chunks(nb * il).collect();
     let dys: Vec<&[f32]> = dy.chunks(nb * o * p).collect();
     ordered_sums([o * k, o], xs.len(), |chunk, [dw, db]| {
-        let (xc, dyc) = (xs[chunk], dys[chunk]);
-        let b = xc.len() / il;
-        let ld = b * p;
-        simd(|| {
-            with_scratch([k * ld, o * ld, phased_len(g)], |col, rows, buf| {
-                for i in 0..b {
-                    let img = phased(g, &xc[i * il..(i + 1) * il], buf);
-                    im2col(g, &taps, img, col, ld, i * p);
-                }
-                gather_rows(dyc, b, o, p, rows);
-                let r = View::rows(rows, ld);
-                // colᵀ: element (r, c) of the [b * p, k] matrix is col[c * ld + r].
-                let ct = View::cols(col, ld);
-                matmul((o, k, ld), dw, k, true, r, ct);
-                for (oc, s) in db.iter_mut().enumerate() {
-                    *s += rows[oc * ld..(oc + 1) * ld].iter().sum::<f32>();
-                }
+        let (x, dy) = (xs[chunk], dys[chunk]);
+        let ld = x.len() / il * p;
+        with_scratch([k * ld, o * ld, phased_len(g)], |col, gathered, buf| {
+            rows::run(BackwardWeightChunk {
+                g,
+                taps: &taps,
+                o,
+                x,
+                dy,
+                dw,
+                db,
+                col,
+                gathered,
+                buf,
             })
         })
     })
@@ -826,7 +967,15 @@ mod timing {
                         &x[i * g.image_len()..(i + 1) * g.image_len()],
                         &mut phased,
                     );
-                    im2col(&g, &taps(&g), img, &mut col, g.p(), 0);
+                    im2col(
+                        super::rows::Portable,
+                        &g,
+                        &taps(&g),
+                        img,
+                        &mut col,
+                        g.p(),
+                        0,
+                    );
                     std::hint::black_box(&col);
                 }
             });

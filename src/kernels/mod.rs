@@ -12,6 +12,7 @@
 //! `B: Backend` and needs no extra trait bound.
 
 pub mod conv;
+mod rows;
 
 use std::any::Any;
 
@@ -416,8 +417,11 @@ mod tests {
         for ((name, a), (_, b)) in our_grads.iter().zip(&burn_grads) {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            // f32 sums in another order: conv1's 9 weights each sum 16 x 784 products, and
+            // differences up to 1.3e-3 of the largest gradient were seen on some random inits.
+            // A wrong kernel is off by the gradient's own size.
             assert!(
-                diff <= 1e-3 * scale,
+                diff <= 5e-3 * scale,
                 "{name}: max gradient difference {diff} (scale {scale})"
             );
         }
