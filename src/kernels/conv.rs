@@ -650,7 +650,7 @@ impl RowJob for BackwardWeightChunk<'_> {
             View::cols(col, ld),
         );
         for (oc, s) in db.iter_mut().enumerate() {
-            *s += dy_rows[oc * ld..(oc + 1) * ld].iter().sum::<f32>();
+            *s += rows::lane_sum(&dy_rows[oc * ld..(oc + 1) * ld]);
         }
     }
 }
@@ -754,11 +754,20 @@ pub fn prefers_swapped(g: &ConvGeometry, o: usize) -> Option<ConvGeometry> {
 
 /// Per-channel sums of `dy [n, o, p]`: the bias gradient, `[o]`.
 pub fn channel_sums(dy: &[f32], o: usize, p: usize) -> Vec<f32> {
-    let mut db = vec![0.0f32; o];
-    for (i, plane) in dy.chunks(p).enumerate() {
-        db[i % o] += plane.iter().sum::<f32>();
+    struct Sums<'a>(&'a [f32], usize, usize);
+    impl RowJob for Sums<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn run<R: Rows>(self, _: R) -> Vec<f32> {
+            let Self(dy, o, p) = self;
+            let mut db = vec![0.0f32; o];
+            for (i, plane) in dy.chunks(p.max(1)).enumerate() {
+                db[i % o] += rows::lane_sum(plane);
+            }
+            db
+        }
     }
-    db
+    rows::run(Sums(dy, o, p))
 }
 
 #[cfg(test)]
