@@ -375,6 +375,43 @@ fn with_scratch<R>(
     })
 }
 
+/// What a kernel applies to each output plane while it is in cache: a per-channel bias, then
+/// optionally ReLU (the layer's activation, fused).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `[channels]`, added to every value of the channel's plane.
+    pub bias: Option<&'a [f32]>,
+    /// `max(0, v)` after the bias.
+    pub relu: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Neither bias nor activation.
+    pub const NONE: Epilogue<'static> = Epilogue {
+        bias: None,
+        relu: false,
+    };
+
+    /// A bias and no activation.
+    pub fn bias(bias: &'a [f32]) -> Self {
+        Self {
+            bias: Some(bias),
+            relu: false,
+        }
+    }
+
+    /// Applies the epilogue to `plane`, the output plane of channel `channel`.
+    #[inline(always)]
+    fn apply(&self, plane: &mut [f32], channel: usize) {
+        let add = self.bias.map_or(0.0, |b| b[channel]);
+        match (add != 0.0, self.relu) {
+            (_, true) => plane.iter_mut().for_each(|v| *v = (*v + add).max(0.0)),
+            (true, false) => plane.iter_mut().for_each(|v| *v += add),
+            (false, false) => {}
+        }
+    }
+}
+
 /// A vector of `len` floats built in parallel, `chunk` floats per task: `f(i, part)` fills part
 /// `i`, which it receives zeroed. Each part is zeroed just before `f` writes it, while it is in
 /// the core's cache, instead of one pass over the whole (cold) vector beforehand.
@@ -400,7 +437,7 @@ struct ForwardChunk<'a> {
     g: &'a ConvGeometry,
     taps: &'a [Tap],
     weight: &'a [f32],
-    bias: Option<&'a [f32]>,
+    epilogue: Epilogue<'a>,
     o: usize,
     x: &'a [f32],
     y: &'a mut [f32],
@@ -419,7 +456,7 @@ impl RowJob for ForwardChunk<'_> {
             g,
             taps,
             weight,
-            bias,
+            epilogue,
             o,
             x,
             y,
@@ -438,35 +475,31 @@ impl RowJob for ForwardChunk<'_> {
         if b == 1 {
             // One image: the product lands in place, no reordering.
             matmul((o, p, k), y, p, false, w, View::rows(col, p));
-            if let Some(bs) = bias {
-                for (plane, add) in y.chunks_mut(p).zip(bs) {
-                    plane.iter_mut().for_each(|v| *v += add);
-                }
+            for (oc, plane) in y.chunks_mut(p).enumerate() {
+                epilogue.apply(plane, oc);
             }
             return;
         }
         matmul((o, ld, k), out, ld, false, w, View::rows(col, ld));
-        // [o, b * p] -> [b, o, p], adding the bias.
+        // [o, b * p] -> [b, o, p], then the epilogue.
         for i in 0..b {
             for oc in 0..o {
-                let add = bias.map_or(0.0, |bs| bs[oc]);
                 let src = &out[oc * ld + i * p..oc * ld + (i + 1) * p];
                 let dst = &mut y[(i * o + oc) * p..(i * o + oc + 1) * p];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s + add;
-                }
+                rows.copy(dst, src);
+                epilogue.apply(dst, oc);
             }
         }
     }
 }
 
-/// Convolution forward: `x [n, c, h, w]`, `weight [o, c * kh * kw]` (row-major `[o, c, kh, kw]`),
-/// optional `bias [o]` -> `[n, o, oh, ow]`.
+/// Convolution forward: `x [n, c, h, w]`, `weight [o, c * kh * kw]` (row-major `[o, c, kh, kw]`)
+/// -> `[n, o, oh, ow]`, then the epilogue (bias `[o]`, ReLU).
 pub fn conv_forward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     o: usize,
 ) -> Vec<f32> {
     let (il, k, p) = (g.image_len(), g.k(), g.p());
@@ -483,7 +516,7 @@ pub fn conv_forward(
                 g,
                 taps: &taps,
                 weight,
-                bias,
+                epilogue,
                 o,
                 x,
                 y,
@@ -515,6 +548,7 @@ struct BackwardDataChunk<'a> {
     taps: &'a [Tap],
     weight: &'a [f32],
     o: usize,
+    epilogue: Epilogue<'a>,
     dy: &'a [f32],
     /// Zeroed on entry.
     dx: &'a mut [f32],
@@ -535,6 +569,7 @@ impl RowJob for BackwardDataChunk<'_> {
             taps,
             weight,
             o,
+            epilogue,
             dy,
             dx,
             col,
@@ -563,12 +598,22 @@ impl RowJob for BackwardDataChunk<'_> {
                 col2im(rows, g, taps, col, ld, i * p, phased);
                 phase_merge(g, phased, img);
             }
+            for (c, plane) in img.chunks_exact_mut(g.h * g.w).enumerate() {
+                epilogue.apply(plane, c);
+            }
         }
     }
 }
 
-/// Convolution input gradient: `dy [n, o, oh, ow]`, `weight [o, c * kh * kw]` -> `dx [n, c, h, w]`.
-pub fn conv_backward_data(g: &ConvGeometry, dy: &[f32], weight: &[f32], o: usize) -> Vec<f32> {
+/// Convolution input gradient: `dy [n, o, oh, ow]`, `weight [o, c * kh * kw]` -> `dx [n, c, h, w]`,
+/// then the epilogue (bias `[c]`, ReLU: for a transposed convolution's forward pass).
+pub fn conv_backward_data(
+    g: &ConvGeometry,
+    dy: &[f32],
+    weight: &[f32],
+    o: usize,
+    epilogue: Epilogue,
+) -> Vec<f32> {
     let (il, k, p) = (g.image_len(), g.k(), g.p());
     let n = dy.len() / (o * p).max(1);
     assert_eq!(dy.len(), n * o * p, "conv_backward_data: gradient length");
@@ -584,6 +629,7 @@ pub fn conv_backward_data(g: &ConvGeometry, dy: &[f32], weight: &[f32], o: usize
                 taps: &taps,
                 weight,
                 o,
+                epilogue,
                 dy,
                 dx,
                 col,
@@ -752,6 +798,27 @@ pub fn prefers_swapped(g: &ConvGeometry, o: usize) -> Option<ConvGeometry> {
     }
 }
 
+/// The gradient through a fused ReLU: `dy` where the layer's output `y` is positive, else 0.
+pub fn relu_backward(dy: &[f32], y: &[f32]) -> Vec<f32> {
+    struct Mask<'a>(&'a [f32], &'a [f32], &'a mut [f32]);
+    impl RowJob for Mask<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<R: Rows>(self, _: R) {
+            let Self(dy, y, out) = self;
+            for ((o, d), y) in out.iter_mut().zip(dy).zip(y) {
+                *o = if *y > 0.0 { *d } else { 0.0 };
+            }
+        }
+    }
+    assert_eq!(dy.len(), y.len(), "relu_backward: lengths");
+    const CHUNK: usize = 65_536;
+    par_build(dy.len(), CHUNK, |i, out| {
+        let range = i * CHUNK..i * CHUNK + out.len();
+        rows::run(Mask(&dy[range.clone()], &y[range], out))
+    })
+}
+
 /// Per-channel sums of `dy [n, o, p]`: the bias gradient, `[o]`.
 pub fn channel_sums(dy: &[f32], o: usize, p: usize) -> Vec<f32> {
     struct Sums<'a>(&'a [f32], usize, usize);
@@ -846,7 +913,7 @@ mod tests {
                 let x = random(n * g.image_len(), i as u64);
                 let w = random(o * g.k(), 100 + i as u64);
                 let bias = random(o, 200);
-                let got = conv_forward(&g, &x, &w, Some(&bias), o);
+                let got = conv_forward(&g, &x, &w, Epilogue::bias(&bias), o);
                 let mut want = naive_forward(&g, &x, &w, o);
                 for (j, v) in want.iter_mut().enumerate() {
                     *v += bias[(j / g.p()) % o];
@@ -854,6 +921,43 @@ mod tests {
                 close(&got, &want, 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn epilogues_add_the_bias_then_apply_relu() {
+        for (i, (g, o)) in geometries().into_iter().enumerate() {
+            let n = 5;
+            let x = random(n * g.image_len(), i as u64);
+            let w = random(o * g.k(), 30 + i as u64);
+            let dy = random(n * o * g.p(), 60 + i as u64);
+            let bias_o = random(o, 7);
+            let bias_c = random(g.c, 8);
+            let relu = |v: Vec<f32>, bias: &[f32], plane: usize| -> Vec<f32> {
+                let k = bias.len();
+                v.iter()
+                    .enumerate()
+                    .map(|(j, v)| (v + bias[(j / plane) % k]).max(0.0))
+                    .collect()
+            };
+            let fused = Epilogue {
+                bias: Some(&bias_o),
+                relu: true,
+            };
+            let plain = conv_forward(&g, &x, &w, Epilogue::NONE, o);
+            let want = relu(plain, &bias_o, g.p());
+            assert!(want.iter().any(|v| *v == 0.0) && want.iter().any(|v| *v > 0.0));
+            close(&conv_forward(&g, &x, &w, fused, o), &want, 1e-5);
+            let fused = Epilogue {
+                bias: Some(&bias_c),
+                relu: true,
+            };
+            let plain = conv_backward_data(&g, &dy, &w, o, Epilogue::NONE);
+            let want = relu(plain, &bias_c, g.h * g.w);
+            close(&conv_backward_data(&g, &dy, &w, o, fused), &want, 1e-5);
+        }
+        let y = [0.0, 2.0, -1.0, 0.5, 0.0];
+        let dy = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(relu_backward(&dy, &y), vec![0.0, 2.0, 0.0, 4.0, 0.0]);
     }
 
     #[test]
@@ -874,13 +978,13 @@ mod tests {
             let dy = random(n * o * g.p(), 20 + i as u64);
             let ws = swap_weight(&w, o, g.c, g.kh, g.kw);
             close(
-                &conv_backward_data(&sw, &x, &ws, g.c),
-                &conv_forward(&g, &x, &w, None, o),
+                &conv_backward_data(&sw, &x, &ws, g.c, Epilogue::NONE),
+                &conv_forward(&g, &x, &w, Epilogue::NONE, o),
                 1e-4,
             );
             close(
-                &conv_forward(&sw, &dy, &ws, None, g.c),
-                &conv_backward_data(&g, &dy, &w, o),
+                &conv_forward(&sw, &dy, &ws, Epilogue::NONE, g.c),
+                &conv_backward_data(&g, &dy, &w, o, Epilogue::NONE),
                 1e-4,
             );
             let (dws, _) = conv_backward_weight(&sw, &dy, &x, g.c);
@@ -903,7 +1007,7 @@ mod tests {
             let dy = random(n * o * g.p(), 90 + i as u64);
             let y = naive_forward(&g, &x, &w, o);
             let lhs = dot(&y, &dy);
-            let dx = conv_backward_data(&g, &dy, &w, o);
+            let dx = conv_backward_data(&g, &dy, &w, o, Epilogue::NONE);
             let (dw, db) = conv_backward_weight(&g, &x, &dy, o);
             let tol = 1e-4 * (1.0 + lhs.abs());
             assert!((dot(&x, &dx) - lhs).abs() < tol, "dx of geometry {i}");
@@ -959,10 +1063,10 @@ mod timing {
                 t.elapsed().as_secs_f64() * 1000.0 / 5.0
             };
             let f = time(&|| {
-                std::hint::black_box(conv_forward(&g, &x, &w, None, o));
+                std::hint::black_box(conv_forward(&g, &x, &w, Epilogue::NONE, o));
             });
             let d = time(&|| {
-                std::hint::black_box(conv_backward_data(&g, &dy, &w, o));
+                std::hint::black_box(conv_backward_data(&g, &dy, &w, o, Epilogue::NONE));
             });
             let wg = time(&|| {
                 std::hint::black_box(conv_backward_weight(&g, &x, &dy, o));

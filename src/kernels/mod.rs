@@ -27,9 +27,10 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
+use burn::tensor::activation::relu;
 use conv::{
     channel_sums, conv_backward_data, conv_backward_weight, conv_forward, prefers_swapped,
-    swap_weight, ConvGeometry,
+    relu_backward, swap_weight, ConvGeometry, Epilogue,
 };
 
 /// The training backend the kernels serve.
@@ -55,8 +56,40 @@ pub fn with_burn_ops<R>(f: impl FnOnce() -> R) -> R {
 
 /// `layer.forward(x)`: `[n, c, h, w] -> [n, o, oh, ow]`.
 pub fn conv2d<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv2d_then(layer, x, false)
+}
+
+/// `relu(layer.forward(x))`, with the ReLU fused into the kernels (no pass of its own over the
+/// output, forward or backward): `[n, c, h, w] -> [n, o, oh, ow]`.
+pub fn conv2d_relu<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv2d_then(layer, x, true)
+}
+
+/// `relu(layer.forward(x))` of a transposed convolution, fused as in [`conv2d_relu`].
+pub fn conv_transpose2d_relu<B: Backend>(
+    layer: &ConvTranspose2d<B>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    conv_transpose2d_then(layer, x, true)
+}
+
+/// `layer.forward(x)` of a transposed convolution: `[n, cin, h, w] -> [n, cout, oh, ow]`.
+pub fn conv_transpose2d<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv_transpose2d_then(layer, x, false)
+}
+
+/// burn's own layer, then the activation.
+fn burn_layer<B: Backend>(y: Tensor<B, 4>, then_relu: bool) -> Tensor<B, 4> {
+    if then_relu {
+        relu(y)
+    } else {
+        y
+    }
+}
+
+fn conv2d_then<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>, then_relu: bool) -> Tensor<B, 4> {
     if !ENABLED.with(|e| e.get()) {
-        return layer.forward(x);
+        return burn_layer(layer.forward(x), then_relu);
     }
     let [_, c, h, w] = x.dims();
     // Symmetric padding only; `Same` (possibly asymmetric) goes to burn's op.
@@ -68,25 +101,29 @@ pub fn conv2d<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
         _ => None,
     };
     let Some([top, left]) = padding else {
-        return layer.forward(x);
+        return burn_layer(layer.forward(x), then_relu);
     };
     let supported = layer.dilation == [1, 1] && layer.groups == 1 && x.dtype() == DType::F32;
     let spec = Spec {
         transpose: false,
         g: ConvGeometry::new([c, h, w], layer.kernel_size, layer.stride, [top, left]),
         o: layer.weight.dims()[0],
+        relu: then_relu,
     };
     let bias = layer.bias.as_ref().map(|b| b.val());
     match supported.then(|| run(x.clone(), layer.weight.val(), bias, &spec)) {
         Some(Some(y)) => y,
-        _ => layer.forward(x),
+        _ => burn_layer(layer.forward(x), then_relu),
     }
 }
 
-/// `layer.forward(x)` of a transposed convolution: `[n, cin, h, w] -> [n, cout, oh, ow]`.
-pub fn conv_transpose2d<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+fn conv_transpose2d_then<B: Backend>(
+    layer: &ConvTranspose2d<B>,
+    x: Tensor<B, 4>,
+    then_relu: bool,
+) -> Tensor<B, 4> {
     if !ENABLED.with(|e| e.get()) {
-        return layer.forward(x);
+        return burn_layer(layer.forward(x), then_relu);
     }
     let [_, _, h, w] = x.dims();
     let [cin, cout, kh, kw] = layer.weight.dims();
@@ -98,7 +135,7 @@ pub fn conv_transpose2d<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>)
             .filter(|&o| o > 0)
     };
     let (Some(oh), Some(ow)) = (out(h, 0, kh), out(w, 1, kw)) else {
-        return layer.forward(x);
+        return burn_layer(layer.forward(x), then_relu);
     };
     let supported = layer.dilation == [1, 1]
         && layer.groups == 1
@@ -120,11 +157,12 @@ pub fn conv_transpose2d<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>)
             ow: w,
         },
         o: cin,
+        relu: then_relu,
     };
     let bias = layer.bias.as_ref().map(|b| b.val());
     match supported.then(|| run(x.clone(), layer.weight.val(), bias, &spec)) {
         Some(Some(y)) => y,
-        _ => layer.forward(x),
+        _ => burn_layer(layer.forward(x), then_relu),
     }
 }
 
@@ -180,6 +218,8 @@ struct Spec {
     g: ConvGeometry,
     /// The weight's first dimension: conv output channels, or transposed-conv input channels.
     o: usize,
+    /// ReLU fused after the bias.
+    relu: bool,
 }
 
 /// The f32 values of `t` in row-major order.
@@ -205,52 +245,53 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, s: &Spec) -> 
     let (xv, wv) = (values(x), values(w));
     let bv = b.map(values);
     let g = &s.g;
+    let epilogue = Epilogue {
+        bias: bv.as_deref(),
+        relu: s.relu,
+    };
     if s.transpose {
-        let mut y = conv_backward_data(g, &xv, &wv, s.o);
-        if let Some(bias) = bv {
-            for (i, plane) in y.chunks_mut(g.h * g.w).enumerate() {
-                let add = bias[i % g.c];
-                plane.iter_mut().for_each(|v| *v += add);
-            }
-        }
+        let y = conv_backward_data(g, &xv, &wv, s.o, epilogue);
         tensor(y, [n, g.c, g.h, g.w])
     } else if let Some(sw) = prefers_swapped(g, s.o) {
         let ws = swap_weight(&wv, s.o, g.c, g.kh, g.kw);
-        let mut y = conv_backward_data(&sw, &xv, &ws, g.c);
-        if let Some(bias) = bv {
-            for (i, plane) in y.chunks_mut(g.p()).enumerate() {
-                let add = bias[i % s.o];
-                plane.iter_mut().for_each(|v| *v += add);
-            }
-        }
+        let y = conv_backward_data(&sw, &xv, &ws, g.c, epilogue);
         tensor(y, [n, s.o, g.oh, g.ow])
     } else {
-        let y = conv_forward(g, &xv, &wv, bv.as_deref(), s.o);
+        let y = conv_forward(g, &xv, &wv, epilogue, s.o);
         tensor(y, [n, s.o, g.oh, g.ow])
     }
 }
 
-/// The gradients `(dx, dW, db)` that `needed` asks for, given the output gradient `dy`.
+/// The gradients `(dx, dW, db)` that `needed` asks for, given the output gradient `dy` (and,
+/// with a fused ReLU, the output `y`).
 fn backward(
     x: &FlexTensor,
     w: &FlexTensor,
+    y: Option<&FlexTensor>,
     dy: &FlexTensor,
     s: &Spec,
     needed: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
-    let (xv, wv, dyv) = (values(x), values(w), values(dy));
+    let (xv, wv) = (values(x), values(w));
+    let dyv = match y {
+        // Through the ReLU first: the rest is the plain convolution's backward pass.
+        Some(y) => std::borrow::Cow::Owned(relu_backward(&values(dy), &values(y))),
+        None => values(dy),
+    };
     let (g, n) = (&s.g, x.shape()[0]);
     let w_shape = w.shape();
     if s.transpose {
         // Input x [n, o, oh, ow], output dy [n, c, h, w] (the images).
-        let dx = needed[0].then(|| tensor(conv_forward(g, &dyv, &wv, None, s.o), x.shape()));
+        let dx =
+            needed[0].then(|| tensor(conv_forward(g, &dyv, &wv, Epilogue::NONE, s.o), x.shape()));
         let dw =
             needed[1].then(|| tensor(conv_backward_weight(g, &dyv, &xv, s.o).0, w_shape.clone()));
         let db = needed[2].then(|| tensor(channel_sums(&dyv, g.c, g.h * g.w), [g.c]));
         [dx, dw, db]
     } else if let Some(sw) = prefers_swapped(g, s.o) {
         let ws = swap_weight(&wv, s.o, g.c, g.kh, g.kw);
-        let dx = needed[0].then(|| tensor(conv_forward(&sw, &dyv, &ws, None, g.c), x.shape()));
+        let dx =
+            needed[0].then(|| tensor(conv_forward(&sw, &dyv, &ws, Epilogue::NONE, g.c), x.shape()));
         let dw = needed[1].then(|| {
             let (dws, _) = conv_backward_weight(&sw, &dyv, &xv, g.c);
             tensor(swap_weight(&dws, g.c, s.o, g.kh, g.kw), w_shape.clone())
@@ -258,8 +299,12 @@ fn backward(
         let db = needed[2].then(|| tensor(channel_sums(&dyv, s.o, g.p()), [s.o]));
         [dx, dw, db]
     } else {
-        let dx =
-            needed[0].then(|| tensor(conv_backward_data(g, &dyv, &wv, s.o), [n, g.c, g.h, g.w]));
+        let dx = needed[0].then(|| {
+            tensor(
+                conv_backward_data(g, &dyv, &wv, s.o, Epilogue::NONE),
+                [n, g.c, g.h, g.w],
+            )
+        });
         let (dw, db) = if needed[1] || needed[2] {
             let (dw, db) = conv_backward_weight(g, &xv, &dyv, s.o);
             (
@@ -278,16 +323,16 @@ fn backward(
 struct ConvBackward;
 
 impl<const N: usize> Backward<Flex, N> for ConvBackward {
-    /// The forward inputs `x` and `weight`, and the spec.
-    type State = (FlexTensor, FlexTensor, Spec);
+    /// The forward inputs `x` and `weight`, the output when a ReLU is fused, and the spec.
+    type State = (FlexTensor, FlexTensor, Option<FlexTensor>, Spec);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let (x, w, spec) = ops.state;
+        let (x, w, y, spec) = ops.state;
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
         let nodes = [parent(0), parent(1), parent(2)];
         let needed = [nodes[0].is_some(), nodes[1].is_some(), nodes[2].is_some()];
-        let computed = backward(&x, &w, &dy, &spec, needed);
+        let computed = backward(&x, &w, y.as_ref(), &dy, &spec, needed);
         for (node, grad) in nodes.into_iter().zip(computed) {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<Flex>(node.id, grad);
@@ -306,7 +351,8 @@ fn autodiff_conv(x: AdTensor, w: AdTensor, b: Option<AdTensor>, spec: Spec) -> A
         b.as_ref().map(|b| &b.primitive),
         &spec,
     );
-    let state = (x.primitive.clone(), w.primitive.clone(), spec);
+    let y = spec.relu.then(|| out.clone());
+    let state = (x.primitive.clone(), w.primitive.clone(), y, spec);
     match b {
         Some(b) => match ConvBackward
             .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
@@ -444,8 +490,11 @@ mod tests {
             let layer = cfg.init::<Flex>(&device);
             let ours = conv2d(&layer, x.clone());
             let burns = layer.forward(x.clone());
-            let diff = (ours - burns).abs().max().into_scalar();
+            let diff = (ours - burns.clone()).abs().max().into_scalar();
             assert!(diff < 1e-4, "{cfg:?}: {diff}");
+            let fused = conv2d_relu(&layer, x.clone());
+            let diff = (fused - relu(burns)).abs().max().into_scalar();
+            assert!(diff < 1e-4, "{cfg:?} with ReLU: {diff}");
         }
         for (stride, padding, out_pad) in [([2, 2], [1, 1], [0, 0]), ([2, 3], [0, 1], [1, 2])] {
             let layer = ConvTranspose2dConfig::new([5, 4], [4, 3])
@@ -456,8 +505,14 @@ mod tests {
             let ours = conv_transpose2d(&layer, x.clone());
             let burns = layer.forward(x.clone());
             assert_eq!(ours.dims(), burns.dims());
-            let diff = (ours - burns).abs().max().into_scalar();
+            let diff = (ours - burns.clone()).abs().max().into_scalar();
             assert!(diff < 1e-4, "stride {stride:?} padding {padding:?}: {diff}");
+            let fused = conv_transpose2d_relu(&layer, x.clone());
+            let diff = (fused - relu(burns)).abs().max().into_scalar();
+            assert!(
+                diff < 1e-4,
+                "stride {stride:?} padding {padding:?} with ReLU: {diff}"
+            );
         }
     }
 }

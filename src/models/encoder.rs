@@ -4,11 +4,10 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
 use super::resnet::{ResNetEncoder, ResNetEncoderConfig};
-use crate::kernels::conv2d;
+use crate::kernels::conv2d_relu;
 
 /// Three conv layers: `1 -> c0` (3x3, stride 1), `c0 -> c1` (4x4, stride 2), `c1 -> c2` (4x4,
 /// stride 2), each followed by ReLU. A 28x28 image becomes `c2 x 7 x 7` features.
@@ -63,9 +62,9 @@ pub struct ConvEncoder<B: Backend> {
 impl<B: Backend> ConvEncoder<B> {
     /// `[batch, 1, 28, 28]` -> `[batch, c2 * 7 * 7]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(conv2d(&self.conv1, images));
-        let x = relu(conv2d(&self.conv2, x));
-        let x = relu(conv2d(&self.conv3, x));
+        let x = conv2d_relu(&self.conv1, images);
+        let x = conv2d_relu(&self.conv2, x);
+        let x = conv2d_relu(&self.conv3, x);
         x.flatten(1, 3)
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::activation::{relu, softplus};
 use serde::{Deserialize, Serialize};
 
 use super::{ConvEncoder, ConvEncoderConfig};
-use crate::kernels::{conv2d, conv_transpose2d};
+use crate::kernels::{conv2d, conv_transpose2d_relu};
 
 /// The VAE: [`ConvEncoder`], linear heads to the mean and log-variance of a `latent_dim`-dimensional
 /// Gaussian, and a decoder that mirrors the encoder (linear, two 4x4 stride-2 transposed convs,
@@ -88,8 +88,8 @@ impl<B: Backend> Vae<B> {
     pub fn decode(&self, z: Tensor<B, 2>) -> Tensor<B, 4> {
         let [batch, _] = z.dims();
         let x = relu(self.decoder_in.forward(z)).reshape([batch, self.top_channels, 7, 7]);
-        let x = relu(conv_transpose2d(&self.deconv1, x));
-        let x = relu(conv_transpose2d(&self.deconv2, x));
+        let x = conv_transpose2d_relu(&self.deconv1, x);
+        let x = conv_transpose2d_relu(&self.deconv2, x);
         conv2d(&self.decoder_out, x)
     }
 
