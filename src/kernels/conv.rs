@@ -467,10 +467,7 @@ impl RowJob for ForwardChunk<'_> {
         let (il, k, p) = (g.image_len(), g.k(), g.p());
         let b = x.len() / il;
         let ld = b * p;
-        for i in 0..b {
-            let img = phased(g, &x[i * il..(i + 1) * il], buf);
-            im2col(rows, g, taps, img, col, ld, i * p);
-        }
+        unfold_images(rows, g, taps, x, col, buf);
         let w = View::rows(weight, k);
         if b == 1 {
             // One image: the product lands in place, no reordering.
@@ -528,9 +525,38 @@ pub fn conv_forward(
     })
 }
 
-/// Copies `dy [b, o, p]` into `dst [o, b * p]`.
+/// Writes the columns of every image of `x` (`[b, c, h, w]`) into `col` (`[k, b * p]`), using
+/// `buf` for the phase-split copy.
 #[inline(always)]
-fn gather_rows<R: Rows>(rows: R, dy: &[f32], b: usize, o: usize, p: usize, dst: &mut [f32]) {
+fn unfold_images<R: Rows>(
+    rows: R,
+    g: &ConvGeometry,
+    taps: &[Tap],
+    x: &[f32],
+    col: &mut [f32],
+    buf: &mut [f32],
+) {
+    let (il, p) = (g.image_len(), g.p());
+    let b = x.len() / il;
+    for i in 0..b {
+        let img = phased(g, &x[i * il..(i + 1) * il], buf);
+        im2col(rows, g, taps, img, col, b * p, i * p);
+    }
+}
+
+/// `dy [b, o, p]` as the matrix `[o, b * p]`: itself for one image, else gathered into `dst`.
+#[inline(always)]
+fn channel_rows<'a, R: Rows>(
+    rows: R,
+    dy: &'a [f32],
+    b: usize,
+    o: usize,
+    p: usize,
+    dst: &'a mut [f32],
+) -> &'a [f32] {
+    if b == 1 {
+        return dy;
+    }
     let ld = b * p;
     for i in 0..b {
         for oc in 0..o {
@@ -540,6 +566,7 @@ fn gather_rows<R: Rows>(rows: R, dy: &[f32], b: usize, o: usize, p: usize, dst: 
             );
         }
     }
+    &dst[..o * ld]
 }
 
 /// One chunk of [`conv_backward_data`]: the gradients `dx` of `b` images from their `dy`.
@@ -580,12 +607,7 @@ impl RowJob for BackwardDataChunk<'_> {
         let b = dy.len() / (o * p);
         let ld = b * p;
         // One image's gradient is already the [o, p] matrix.
-        let dy_rows = if b == 1 {
-            dy
-        } else {
-            gather_rows(rows, dy, b, o, p, gathered);
-            &gathered[..]
-        };
+        let dy_rows = channel_rows(rows, dy, b, o, p, gathered);
         // Wᵀ: element (r, c) of the [k, o] matrix is weight[c * k + r].
         let wt = View::cols(weight, k);
         matmul((k, ld, o), col, ld, false, wt, View::rows(dy_rows, ld));
@@ -676,16 +698,8 @@ impl RowJob for BackwardWeightChunk<'_> {
         let (il, k, p) = (g.image_len(), g.k(), g.p());
         let b = x.len() / il;
         let ld = b * p;
-        for i in 0..b {
-            let img = phased(g, &x[i * il..(i + 1) * il], buf);
-            im2col(rows, g, taps, img, col, ld, i * p);
-        }
-        let dy_rows = if b == 1 {
-            dy
-        } else {
-            gather_rows(rows, dy, b, o, p, gathered);
-            &gathered[..]
-        };
+        unfold_images(rows, g, taps, x, col, buf);
+        let dy_rows = channel_rows(rows, dy, b, o, p, gathered);
         // colᵀ: element (r, c) of the [b * p, k] matrix is col[c * ld + r].
         matmul(
             (o, k, ld),
