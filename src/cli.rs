@@ -155,6 +155,14 @@ pub struct FinetuneArgs {
     /// Passes over the unlabeled pool in the semi-supervised stage [default: 10].
     #[arg(long, value_name = "N")]
     pub semi_epochs: Option<f64>,
+    /// Each pass after the first trains on this share of the pool: the images with the highest
+    /// loss when last seen (selection by loss) [default: 1, every image].
+    #[arg(long, value_name = "F")]
+    pub semi_select: Option<f64>,
+    /// Train the semi-supervised stage on the validation slice of the bought labels too (refit);
+    /// the stage then keeps its last weights.
+    #[arg(long)]
+    pub semi_refit: bool,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
@@ -396,6 +404,12 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.semi_epochs {
         cfg.semi.epochs = v;
+    }
+    if let Some(v) = args.semi_select {
+        cfg.semi.select_fraction = v;
+    }
+    if args.semi_refit {
+        cfg.semi.train_on_validation = true;
     }
     if let Some(v) = args.time_budget {
         cfg.time_budget_minutes = Some(v);

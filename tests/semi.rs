@@ -1,6 +1,7 @@
 //! The semi-supervised stage of `frugal finetune` (`--semi fixmatch`) end to end on real
-//! Fashion-MNIST slices: it trains the encoder, buys nothing, resumes exactly after a kill, and
-//! the time budget shortens it.
+//! Fashion-MNIST slices: it trains the encoder, buys nothing, resumes exactly after a kill (with
+//! selection by loss, whose passes depend on the losses), the time budget shortens it, and a
+//! refit trains on every bought label.
 
 mod common;
 
@@ -36,6 +37,13 @@ fn semi_finetune(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &s
     finetune_with(pipeline, root, data, enc, name)
 }
 
+/// The stage with selection by loss: passes after the first train on half the pool.
+fn selective(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) -> Command {
+    let mut c = semi_finetune(root, data, enc, pipeline, name);
+    c.args(["--semi-select", "0.5"]);
+    c
+}
+
 /// The stage's progress in the run's checkpoint: (steps done, finished).
 fn semi_step(run_dir: &Path) -> Option<(u64, bool)> {
     let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
@@ -49,13 +57,20 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
     let root = tmp.path();
     let (data, enc, pipeline) = setup(root);
 
-    let out = run(&mut semi_finetune(root, &data, &enc, &pipeline, "straight"));
+    let out = run(&mut selective(root, &data, &enc, &pipeline, "straight"));
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("294 images of highest loss"),
+        "{}",
+        stderr(&out)
+    );
     let s = summary(&root.join("straight"));
     let semi = &s["semi"];
-    // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass, 4 passes.
-    assert_eq!(semi["steps"], 76, "{semi}");
-    assert!(semi["kept_step"].as_u64().unwrap() <= 76);
+    // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass; 4 passes, the last
+    // three over half the pool: 2.5 full passes.
+    assert_eq!(semi["steps"], 48, "{semi}");
+    assert!(semi["kept_step"].as_u64().unwrap() <= 48);
+    assert_eq!(semi["bought_labels_trained"], 48);
     assert!(semi["test_accuracy_before"].as_f64().is_some());
     // Pseudo-labels are never bought: the ledger holds the budget, no more.
     let db = LabelDb::open(&root.join("straight/labels.db")).unwrap();
@@ -70,9 +85,9 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
             .to_string_lossy()
             .starts_with("events.out")));
 
-    // Killed in the middle of the stage, resumed: the same final model.
+    // Killed in the middle of the stage (in a pass chosen by loss), resumed: the same final model.
     let run_dir = root.join("killed");
-    let mut child = semi_finetune(root, &data, &enc, &pipeline, "killed")
+    let mut child = selective(root, &data, &enc, &pipeline, "killed")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -84,7 +99,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
             "finished before the kill"
         );
         if let Some((step, false)) = semi_step(&run_dir) {
-            if step >= 1 {
+            if step >= 21 {
                 child.kill().unwrap();
                 child.wait().unwrap();
                 break step;
@@ -93,8 +108,8 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
         assert!(Instant::now() < deadline, "the stage did not start");
         std::thread::sleep(Duration::from_millis(2));
     };
-    assert!(killed_at < 76);
-    let out = run(semi_finetune(root, &data, &enc, &pipeline, "killed").arg("--resume"));
+    assert!(killed_at < 48);
+    let out = run(selective(root, &data, &enc, &pipeline, "killed").arg("--resume"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("resuming at step"),
@@ -102,7 +117,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
         stderr(&out)
     );
     let k = summary(&run_dir);
-    assert_eq!(k["semi"]["steps"], 76);
+    assert_eq!(k["semi"]["steps"], 48);
     assert_eq!(k["semi"]["kept_step"], semi["kept_step"]);
     assert_eq!(
         k["semi"]["validation_accuracy"],
@@ -128,15 +143,49 @@ fn time_budget_shortens_the_stage() {
     let root = tmp.path();
     let (data, enc, pipeline) = setup(root);
     // A budget the rounds alone use up: the stage stops once its step rate is measured.
-    let out =
-        run(semi_finetune(root, &data, &enc, &pipeline, "short").args(["--time-budget", "0.001"]));
+    // Refit: the validation slice trains too, and the stage reports no validation.
+    let out = run(semi_finetune(root, &data, &enc, &pipeline, "short").args([
+        "--time-budget",
+        "0.001",
+        "--semi-refit",
+    ]));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("time budget"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("60 bought training labels"),
+        "{}",
+        stderr(&out)
+    );
     let s = summary(&root.join("short"));
     assert_eq!(s["semi"]["steps"], 20, "{}", s["semi"]);
+    assert_eq!(s["semi"]["bought_labels_trained"], 60);
+    assert!(s["semi"]["validation_accuracy"].is_null(), "{}", s["semi"]);
     assert_eq!(s["labels_bought"], 60);
+    // A finished run with no validation figures reads back as finished.
+    let out = run(semi_finetune(root, &data, &enc, &pipeline, "short").args([
+        "--time-budget",
+        "0.001",
+        "--semi-refit",
+        "--resume",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("finished"), "{}", stderr(&out));
 
     let out = run(semi_finetune(root, &data, &enc, &pipeline, "bad").args(["--time-budget", "0"]));
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--time-budget"), "{}", stderr(&out));
+
+    // A refit has no validation to choose the best weights by.
+    let text = std::fs::read_to_string(&pipeline)
+        .unwrap()
+        .replace("[semi]\n", "[semi]\nkeep = \"best-validation\"\n");
+    let best = root.join("best.toml");
+    std::fs::write(&best, text).unwrap();
+    let out = run(semi_finetune(root, &data, &enc, &best, "bad").args(["--semi-refit"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("semi.keep = \"last\""),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -300,6 +300,21 @@ pub struct SemiConfig {
     pub checkpoint_minutes: f64,
     /// The strong augmentation of pool images (weak: shift and flip of `train.augment_shift`).
     pub strong: ViewAugmentConfig,
+    /// Share of the pool each pass after the first trains on: the images whose loss was highest
+    /// when last seen (selection by loss, the SIFAL idea), so the steps go where the model is still
+    /// wrong. 1: every image every pass. `epochs` then counts these shorter passes.
+    #[serde(skip_serializing_if = "is_one")]
+    pub select_fraction: f64,
+    /// The validation slice of the bought labels trains too (refit): every bought label is used,
+    /// and no validation is left, so `keep` must be `last`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub train_on_validation: bool,
+}
+
+/// Fields added after runs were saved are left out of the saved config (and of the plan a resume
+/// compares) while they hold their old behaviour.
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for SemiConfig {
@@ -326,6 +341,8 @@ impl Default for SemiConfig {
                 erase_scale: [0.02, 0.25],
                 ..ViewAugmentConfig::default()
             },
+            select_fraction: 1.0,
+            train_on_validation: false,
         }
     }
 }
@@ -464,6 +481,18 @@ impl FinetuneConfig {
             }
             if s.labeled_batch == 0 || s.unlabeled_ratio == 0 || s.eval_every == 0 {
                 bail!("semi.labeled_batch, semi.unlabeled_ratio and semi.eval_every must be at least 1");
+            }
+            if !(s.select_fraction > 0.0 && s.select_fraction <= 1.0) {
+                bail!(
+                    "semi.select_fraction must be in (0, 1], got {}",
+                    s.select_fraction
+                );
+            }
+            if s.train_on_validation && s.keep == SemiKeep::BestValidation {
+                bail!(
+                    "semi.train_on_validation leaves no validation labels to pick the best \
+                     weights: set semi.keep = \"last\""
+                );
             }
             if s.unlabeled_batch() > 1 << 15 {
                 bail!("semi.labeled_batch * semi.unlabeled_ratio must be at most 32768");

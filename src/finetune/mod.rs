@@ -190,12 +190,16 @@ impl BackendJob for FinetuneJob {
             if let (Some(progress), true) = (saved.semi, saved.rounds_trained == pool.rounds()) {
                 let blob =
                     |name: &str| -> Result<Vec<u8>> { Ok(ck.blob(&ckpt_path, name)?.to_vec()) };
+                // Absent from checkpoints written before selection by loss existed.
+                let optional = |name: &str| blob(name).unwrap_or_default();
                 let blobs = SemiBlobs {
                     learned: blob("semi_learned")?,
                     model: blob("semi_model")?,
                     ema: blob("semi_ema")?,
                     best: blob("semi_best")?,
                     optimizer: blob("semi_optimizer")?,
+                    losses: optional("semi_losses"),
+                    pass: optional("semi_pass"),
                 };
                 semi_saved = Some((progress, blobs));
             }
@@ -428,8 +432,6 @@ impl BackendJob for FinetuneJob {
         let mut semi_state: Option<SemiState<B>> = None;
         let (final_model, test_probs, inputs) = if cfg.semi.method == SemiMethod::Fixmatch {
             image_inputs = Inputs::new(&pool_images, &test_images, None, &cfg);
-            let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
-            let before = ConfusionMatrix::new(&test_probs, &test_labels).accuracy();
             let init = match &model.encoder {
                 Some(_) => model.clone(),
                 None => semi::unfreeze(
@@ -439,75 +441,28 @@ impl BackendJob for FinetuneJob {
                     &device,
                 ),
             };
-            let state = match semi_saved.take() {
-                Some((progress, blobs)) => SemiState::restore(init, progress, blobs, &device)?,
-                None => SemiState::start(init),
-            };
-            let deadline = cfg
-                .time_budget_minutes
-                .map(|m| m * 60.0 - seconds_before - started.elapsed().as_secs_f64());
-            let state = if state.progress.finished {
-                state
-            } else {
-                let mut semi_tb = EventWriter::create(&run.root.join("semi"))?;
-                semi_tb.add_session_start(state.progress.step)?;
-                let val_items: std::collections::HashSet<usize> =
-                    val_set.iter().map(|&(i, _)| i).collect();
-                let unlabeled: Vec<usize> = (0..pool.size())
-                    .filter(|i| !val_items.contains(i))
-                    .collect();
-                let mut save = |st: &SemiState<B>| -> Result<()> {
-                    let seconds = seconds_before + started.elapsed().as_secs_f64();
-                    writer.save(&model, &training, &pool, seconds, Some(st), false)
-                };
-                semi::train_semi(
-                    state,
-                    &train_set,
-                    &val_set,
-                    &unlabeled,
-                    &image_inputs,
-                    &cfg,
-                    deadline,
-                    &mut semi_tb,
-                    &mut save,
-                    &device,
-                )?
-            };
-            let final_model = state.best.clone();
-            let scores = score_test(&final_model, &image_inputs, &cfg, &device)?;
-            let p = &state.progress;
-            let best = match cfg.semi.keep {
-                SemiKeep::Last => p.last.clone(),
-                SemiKeep::BestValidation => p.best.clone(),
-            };
-            let after = ConfusionMatrix::new(&scores.probs, &test_labels).accuracy();
-            log(
-                None,
-                &format!(
-                    "semi-supervised stage: validation accuracy {:.2}% (kept step {}) against \
-                     {:.2}% before; test accuracy {:.2}% against {:.2}% before (report only), {:.0} s",
-                    100.0 * best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
-                    best.as_ref().map_or(0, |b| b.step),
-                    100.0 * training.validation_accuracy,
-                    100.0 * after,
-                    100.0 * before,
-                    p.seconds
-                ),
-            );
-            let passes_per_step =
-                cfg.semi.unlabeled_batch() as f64 / (pool.size() - val_set.len()).max(1) as f64;
-            semi_summary = Some(SemiSummary {
-                method: "fixmatch".into(),
-                steps: p.step,
-                passes: p.step as f64 * passes_per_step,
-                kept_step: best.as_ref().map_or(0, |b| b.step),
-                validation_accuracy: best.as_ref().map_or(f64::NAN, |b| b.validation_accuracy),
-                test_accuracy_before: before,
+            let stage = Stage {
+                cfg: &cfg,
+                run: &run,
+                pool: &pool,
+                inputs: &image_inputs,
+                test_labels: &test_labels,
+                test_accuracy_before: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
                 validation_accuracy_before: training.validation_accuracy,
-                seconds: p.seconds,
-            });
+                deadline_s: cfg
+                    .time_budget_minutes
+                    .map(|m| m * 60.0 - seconds_before - started.elapsed().as_secs_f64()),
+            };
+            let mut save = |st: &SemiState<B>| -> Result<()> {
+                let seconds = seconds_before + started.elapsed().as_secs_f64();
+                writer.save(&model, &training, &pool, seconds, Some(st), false)
+            };
+            let (state, probs, summary) =
+                stage.train(init, semi_saved.take(), &mut save, &device)?;
+            semi_summary = Some(summary);
+            let final_model = state.best.clone();
             semi_state = Some(state);
-            (final_model, scores.probs, &image_inputs)
+            (final_model, probs, &image_inputs)
         } else {
             (model.valid(), test_probs, &inputs)
         };
@@ -585,6 +540,115 @@ impl BackendJob for FinetuneJob {
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
         Ok(summary)
+    }
+}
+
+/// The semi-supervised stage of a run, after its last purchase: what it reads.
+struct Stage<'a> {
+    cfg: &'a FinetuneConfig,
+    run: &'a RunDir,
+    pool: &'a Pool,
+    /// Images only: the stage trains the encoder.
+    inputs: &'a Inputs<'a>,
+    /// For the report only.
+    test_labels: &'a [u8],
+    test_accuracy_before: f64,
+    validation_accuracy_before: f64,
+    /// Seconds this session may still spend, if there is a time budget.
+    deadline_s: Option<f64>,
+}
+
+impl Stage<'_> {
+    /// Trains the stage from `init` (the last round's classifier with its encoder), or from a
+    /// checkpoint's `saved` state, to its end; `save` writes a checkpoint. Returns the final
+    /// state, the kept weights' test probabilities (`[test * classes]`, report only) and the
+    /// summary.
+    fn train<B: AutodiffBackend>(
+        &self,
+        init: Classifier<B>,
+        saved: Option<(SemiProgress, SemiBlobs)>,
+        save: &mut dyn FnMut(&SemiState<B>) -> Result<()>,
+        device: &B::Device,
+    ) -> Result<(SemiState<B>, Vec<f32>, SemiSummary)> {
+        let cfg = self.cfg;
+        let (mut train_set, mut val_set) = self
+            .pool
+            .split(cfg.labels.validation_fraction, cfg.train.seed);
+        if cfg.semi.train_on_validation {
+            // Refit: every bought label trains; nothing is left to validate on.
+            train_set.append(&mut val_set);
+            train_set.sort_unstable();
+        }
+        let state = match saved {
+            Some((progress, blobs)) => SemiState::restore(init, progress, blobs, device)?,
+            None => SemiState::start(init),
+        };
+        let state = if state.progress.finished {
+            state
+        } else {
+            let mut tb = EventWriter::create(&self.run.root.join("semi"))?;
+            tb.add_session_start(state.progress.step)?;
+            // The validation slice is no pool image: its labels judge the stage.
+            let val_items: std::collections::HashSet<usize> =
+                val_set.iter().map(|&(i, _)| i).collect();
+            let unlabeled: Vec<usize> = (0..self.pool.size())
+                .filter(|i| !val_items.contains(i))
+                .collect();
+            semi::train_semi(
+                state,
+                &train_set,
+                &val_set,
+                &unlabeled,
+                self.inputs,
+                cfg,
+                self.deadline_s,
+                &mut tb,
+                save,
+                device,
+            )?
+        };
+        let scores = score_test(&state.best, self.inputs, cfg, device)?;
+        let p = &state.progress;
+        let kept = match cfg.semi.keep {
+            SemiKeep::Last => p.last.clone(),
+            SemiKeep::BestValidation => p.best.clone(),
+        };
+        let validation_accuracy = kept.as_ref().map_or(f64::NAN, |b| b.validation_accuracy);
+        let kept_step = kept.as_ref().map_or(0, |b| b.step);
+        let after = ConfusionMatrix::new(&scores.probs, self.test_labels).accuracy();
+        let validation = if val_set.is_empty() {
+            "no validation (trained on every bought label)".to_string()
+        } else {
+            format!(
+                "validation accuracy {:.2}% (kept step {kept_step}) against {:.2}% before",
+                100.0 * validation_accuracy,
+                100.0 * self.validation_accuracy_before,
+            )
+        };
+        log(
+            None,
+            &format!(
+                "semi-supervised stage: {validation}; test accuracy {:.2}% against {:.2}% \
+                 before (report only), {:.0} s",
+                100.0 * after,
+                100.0 * self.test_accuracy_before,
+                p.seconds
+            ),
+        );
+        let passes_per_step =
+            cfg.semi.unlabeled_batch() as f64 / (self.pool.size() - val_set.len()).max(1) as f64;
+        let summary = SemiSummary {
+            method: "fixmatch".into(),
+            steps: p.step,
+            passes: p.step as f64 * passes_per_step,
+            kept_step,
+            bought_labels_trained: train_set.len(),
+            validation_accuracy,
+            test_accuracy_before: self.test_accuracy_before,
+            validation_accuracy_before: self.validation_accuracy_before,
+            seconds: p.seconds,
+        };
+        Ok((state, scores.probs, summary))
     }
 }
 
@@ -837,6 +901,10 @@ impl CheckpointWriter<'_> {
             blobs.push(("semi_ema".into(), b.ema));
             blobs.push(("semi_best".into(), b.best));
             blobs.push(("semi_optimizer".into(), b.optimizer));
+            if !b.losses.is_empty() {
+                blobs.push(("semi_losses".into(), b.losses));
+                blobs.push(("semi_pass".into(), b.pass));
+            }
         }
         Checkpoint {
             header: CheckpointHeader {

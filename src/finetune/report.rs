@@ -117,6 +117,7 @@ pub struct FinetuneSummary {
     /// Bought labels used for training / held out for validation in the last round.
     pub train_labels: usize,
     pub validation_labels: usize,
+    #[serde(deserialize_with = "nan_from_null")]
     pub validation_accuracy: f64,
     pub test_images: usize,
     pub test_accuracy: f64,
@@ -141,14 +142,25 @@ pub struct SemiSummary {
     pub passes: f64,
     /// The step whose weights were kept (the last, or the best validation, as `semi.keep` says).
     pub kept_step: u64,
+    /// Bought labels the stage trained on (the validation slice too with `semi.train_on_validation`).
+    #[serde(default)]
+    pub bought_labels_trained: usize,
+    #[serde(deserialize_with = "nan_from_null")]
     pub validation_accuracy: f64,
     /// Test accuracy of the last round's classifier, before the stage (report only).
     pub test_accuracy_before: f64,
+    #[serde(deserialize_with = "nan_from_null")]
     pub validation_accuracy_before: f64,
     pub seconds: f64,
 }
 
 /// `{class name: value}` in class order.
+/// Deserializes a number that JSON wrote as `null` (serde_json writes NaN so) back as NaN: the
+/// validation figures of a run without validation labels.
+pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 pub fn per_class_map<T: Into<serde_json::Value> + Copy>(
     values: &[T],
 ) -> serde_json::Map<String, serde_json::Value> {

@@ -50,7 +50,9 @@ const BUDGET_FILL: f64 = 0.93;
 pub struct SemiEval {
     /// Steps done when it ran.
     pub step: u64,
+    #[serde(deserialize_with = "super::report::nan_from_null")]
     pub validation_accuracy: f64,
+    #[serde(deserialize_with = "super::report::nan_from_null")]
     pub validation_loss: f64,
     /// Mean bought-label and pseudo-label losses and the share of pool images with a confident
     /// pseudo-label, over the steps since the last validation.
@@ -84,6 +86,10 @@ pub struct SemiBlobs {
     pub ema: Vec<u8>,
     pub best: Vec<u8>,
     pub optimizer: Vec<u8>,
+    /// Selection by loss: [`SemiState::losses`] and [`SemiState::pass`] (empty without it, and in
+    /// checkpoints written before it existed).
+    pub losses: Vec<u8>,
+    pub pass: Vec<u8>,
 }
 
 /// What the caller saves and what a resume starts from.
@@ -100,6 +106,11 @@ pub struct SemiState<B: AutodiffBackend> {
     /// FlexMatch: per pool image, the class it was last predicted as with top probability above
     /// `threshold`, or [`NOT_LEARNED`]. Empty until the first step.
     pub learned: Vec<u8>,
+    /// Selection by loss (`semi.select_fraction < 1`): per pool image, its pseudo-label loss when
+    /// last trained on (NaN: not yet). Empty without selection.
+    pub losses: Vec<f32>,
+    /// Selection by loss: the pass under way and its order of pool images.
+    pub pass: Option<(u64, Vec<usize>)>,
 }
 
 /// [`SemiState::learned`] of an image never predicted confidently.
@@ -115,6 +126,8 @@ impl<B: AutodiffBackend> SemiState<B> {
             progress: SemiProgress::default(),
             optimizer: None,
             learned: Vec::new(),
+            losses: Vec::new(),
+            pass: None,
         }
     }
 
@@ -141,6 +154,12 @@ impl<B: AutodiffBackend> SemiState<B> {
             progress,
             optimizer: Some(blobs.optimizer),
             learned: blobs.learned,
+            losses: blobs
+                .losses
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            pass: pass_from_bytes(&blobs.pass)?,
         })
     }
 
@@ -152,8 +171,39 @@ impl<B: AutodiffBackend> SemiState<B> {
             best: module_to_bytes::<B::InnerBackend, _>(self.best.clone())?,
             optimizer: self.optimizer.clone().unwrap_or_default(),
             learned: self.learned.clone(),
+            losses: self.losses.iter().flat_map(|l| l.to_le_bytes()).collect(),
+            pass: self
+                .pass
+                .as_ref()
+                .map(|(pass, order)| {
+                    let mut b = pass.to_le_bytes().to_vec();
+                    b.extend(order.iter().flat_map(|&i| (i as u32).to_le_bytes()));
+                    b
+                })
+                .unwrap_or_default(),
         })
     }
+}
+
+/// [`SemiState::pass`] from its blob: the pass (u64) then its items (u32 each), little-endian.
+fn pass_from_bytes(b: &[u8]) -> Result<Option<(u64, Vec<usize>)>> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    if b.len() < 8 || !(b.len() - 8).is_multiple_of(4) {
+        bail!(
+            "the checkpoint's semi_pass blob is damaged ({} bytes)",
+            b.len()
+        );
+    }
+    let (head, items) = b.split_at(8);
+    let mut pass = [0u8; 8];
+    pass.copy_from_slice(head);
+    let order = items
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    Ok(Some((u64::from_le_bytes(pass), order)))
 }
 
 /// The starting point of the stage: the pretrained `encoder` (all of it trains) under the last
@@ -233,33 +283,79 @@ pub fn class_thresholds(
     }
 }
 
-/// A cycle through `items` in a fresh seeded order each pass: position `p` of the endless
-/// sequence is `order(p / n)[p % n]`, whatever came before (resume).
+/// A cycle through `items` in a fresh seeded order each pass. Every pass covers all items, or,
+/// for a selective cycle, every pass after the first covers the `later` items with the highest
+/// loss when the pass begins (unseen items first). Position `p` of the endless sequence depends
+/// only on the seed and on the losses at the start of its pass, so a resumed stage that restores
+/// the current pass ([`Cycle::current`]) and the losses draws what an uninterrupted one would.
 struct Cycle<'a> {
     items: &'a [usize],
     seed: u64,
     salt: u64,
+    /// Items in each pass after the first.
+    later: usize,
     pass: Option<(u64, Vec<usize>)>,
 }
 
 impl<'a> Cycle<'a> {
     fn new(items: &'a [usize], seed: u64, salt: u64) -> Self {
+        Self::selective(items, seed, salt, 1.0)
+    }
+
+    /// A cycle whose passes after the first cover `fraction` of the items (at least one).
+    fn selective(items: &'a [usize], seed: u64, salt: u64, fraction: f64) -> Self {
+        let later = ((items.len() as f64 * fraction).ceil() as usize).clamp(1, items.len().max(1));
         Self {
             items,
             seed,
             salt,
+            later,
             pass: None,
         }
     }
 
-    /// Positions `start..start + k`.
-    fn take(&mut self, start: u64, k: usize) -> Vec<usize> {
+    fn is_selective(&self) -> bool {
+        self.later < self.items.len()
+    }
+
+    /// Positions in the first `passes` passes.
+    fn positions(&self, passes: f64) -> f64 {
+        let n = self.items.len() as f64;
+        if passes <= 1.0 {
+            passes * n
+        } else {
+            n + (passes - 1.0) * self.later as f64
+        }
+    }
+
+    /// The pass of position `p`, and `p`'s place in it.
+    fn locate(&self, p: u64) -> (u64, usize) {
         let n = self.items.len() as u64;
+        if p < n {
+            (0, p as usize)
+        } else {
+            let later = self.later as u64;
+            (1 + (p - n) / later, ((p - n) % later) as usize)
+        }
+    }
+
+    /// The current pass and its order, for a checkpoint.
+    fn current(&self) -> Option<&(u64, Vec<usize>)> {
+        self.pass.as_ref()
+    }
+
+    /// Positions `start..start + k`. `loss[item]` (NaN: never seen) ranks the items of a
+    /// selective cycle's later passes.
+    fn take(&mut self, start: u64, k: usize, loss: &[f32]) -> Vec<usize> {
         (start..start + k as u64)
             .map(|p| {
-                let pass = p / n;
+                let (pass, at) = self.locate(p);
                 if self.pass.as_ref().map(|(q, _)| *q) != Some(pass) {
-                    let mut order = self.items.to_vec();
+                    let mut order = if pass > 0 && self.is_selective() {
+                        hardest(self.items, loss, self.later)
+                    } else {
+                        self.items.to_vec()
+                    };
                     // Two cycles share the stream: even counters for one, odd for the other.
                     order.shuffle(&mut rng_for(
                         self.seed,
@@ -268,10 +364,26 @@ impl<'a> Cycle<'a> {
                     ));
                     self.pass = Some((pass, order));
                 }
-                self.pass.as_ref().map_or(0, |(_, o)| o[(p % n) as usize])
+                self.pass.as_ref().map_or(0, |(_, o)| o[at])
             })
             .collect()
     }
+}
+
+/// The `k` items of highest `loss` (NaN, never seen, counts as highest), ties by item; in item
+/// order, so that the shuffle that follows depends on the seed and the set only.
+fn hardest(items: &[usize], loss: &[f32], k: usize) -> Vec<usize> {
+    let key = |i: usize| {
+        loss.get(i)
+            .copied()
+            .filter(|l| !l.is_nan())
+            .unwrap_or(f32::INFINITY)
+    };
+    let mut ranked = items.to_vec();
+    ranked.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    ranked.truncate(k);
+    ranked.sort_unstable();
+    ranked
 }
 
 /// `[n, 1, 28, 28]` from row-major 784-value images.
@@ -306,8 +418,16 @@ pub fn train_semi<B: AutodiffBackend>(
     }
     let (nl, nu) = (s.labeled_batch, s.unlabeled_batch());
     let steps_per_pass = pool_items.len().div_ceil(nu) as u64;
+    let mut pool_cycle = Cycle::selective(pool_items, seed, 1, s.select_fraction);
+    let selective = pool_cycle.is_selective();
+    // Full passes' worth of pool images in `epochs` passes (fewer when they are selective).
+    let full_passes = if selective {
+        pool_cycle.positions(s.epochs) / pool_items.len() as f64
+    } else {
+        s.epochs
+    };
     if state.progress.total_steps == 0 {
-        state.progress.total_steps = ((s.epochs * steps_per_pass as f64).round() as u64).max(1);
+        state.progress.total_steps = ((full_passes * steps_per_pass as f64).round() as u64).max(1);
         state.progress.planned = deadline_s.is_none();
     }
     let mut optim = AdamConfig::new()
@@ -322,7 +442,12 @@ pub fn train_semi<B: AutodiffBackend>(
     // The labeled cycle runs over positions in `labeled`.
     let label_idx: Vec<usize> = (0..labeled.len()).collect();
     let mut labeled_cycle = Cycle::new(&label_idx, seed, 0);
-    let mut pool_cycle = Cycle::new(pool_items, seed, 1);
+    if selective {
+        if state.losses.len() != pool.len() {
+            state.losses = vec![f32::NAN; pool.len()];
+        }
+        pool_cycle.pass = state.pass.take();
+    }
     let val_items: Vec<usize> = val.iter().map(|&(i, _)| i).collect();
 
     let session = Instant::now();
@@ -338,11 +463,19 @@ pub fn train_semi<B: AutodiffBackend>(
         Some(&bar),
         &format!(
             "semi-supervised stage (FixMatch): {} bought training labels, {} pool images, {} steps \
-             of {nl} + {nu} images ({:.1} passes over the pool){}",
+             of {nl} + {nu} images ({:.1} passes over the pool{}){}",
             labeled.len(),
             pool_items.len(),
             state.progress.total_steps,
             state.progress.total_steps as f64 / steps_per_pass as f64,
+            if selective {
+                format!(
+                    "; after the first, each pass trains on the {} images of highest loss",
+                    pool_cycle.later
+                )
+            } else {
+                String::new()
+            },
             if start_step > 0 {
                 format!(", resuming at step {start_step}")
             } else {
@@ -367,8 +500,8 @@ pub fn train_semi<B: AutodiffBackend>(
     while state.progress.step < state.progress.total_steps {
         let step = state.progress.step;
         // Data: bought images (weak view), pool images (weak and strong views).
-        let picks = labeled_cycle.take(step * nl as u64, nl);
-        let unl = pool_cycle.take(step * nu as u64, nu);
+        let picks = labeled_cycle.take(step * nl as u64, nl, &[]);
+        let unl = pool_cycle.take(step * nu as u64, nu, &state.losses);
         let shift = cfg.train.augment_shift;
         let weak_pool: Vec<f32> = unl
             .par_iter()
@@ -448,6 +581,14 @@ pub fn train_semi<B: AutodiffBackend>(
         );
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
         let nll = log_softmax(logits, 1).gather(1, targets).reshape([n]).neg();
+        if selective {
+            // Each pool image's loss against its pseudo-label, confident or not: how wrong the
+            // strong view still is. One copy to the host per step, only with selection.
+            let seen = host_values(nll.clone().inner().narrow(0, nl, nu))?;
+            for (&item, l) in unl.iter().zip(seen) {
+                state.losses[item] = l;
+            }
+        }
         let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), device);
         let weighted = nll * weights;
         let loss = weighted.clone().sum();
@@ -585,6 +726,9 @@ pub fn train_semi<B: AutodiffBackend>(
             state.progress.seconds = seconds_before + session.elapsed().as_secs_f64();
             state.progress.finished = last;
             state.optimizer = Some(record_to_bytes::<B, _>(optim.to_record())?);
+            if selective {
+                state.pass = pool_cycle.current().cloned();
+            }
             save(&state)?;
             last_save = Instant::now();
         }
@@ -650,16 +794,48 @@ mod tests {
     fn cycles_visit_every_item_once_per_pass_and_resume_alike() {
         let items: Vec<usize> = (100..137).collect();
         let mut a = Cycle::new(&items, 7, 0);
-        let first: Vec<usize> = a.take(0, 37);
+        let first: Vec<usize> = a.take(0, 37, &[]);
         let mut sorted = first.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, items);
-        let second = a.take(37, 37);
+        let second = a.take(37, 37, &[]);
         assert_ne!(first, second, "each pass has its own order");
         // A fresh cycle (a resume) reading from the middle sees the same sequence.
         let mut b = Cycle::new(&items, 7, 0);
-        assert_eq!(b.take(30, 20), [&first[30..], &second[..13]].concat());
+        assert_eq!(b.take(30, 20, &[]), [&first[30..], &second[..13]].concat());
         // The other salt is another order.
-        assert_ne!(Cycle::new(&items, 7, 1).take(0, 37), first);
+        assert_ne!(Cycle::new(&items, 7, 1).take(0, 37, &[]), first);
+    }
+
+    #[test]
+    fn selective_cycles_spend_later_passes_on_the_highest_losses() {
+        let items: Vec<usize> = (0..40).collect();
+        // Loss grows with the item, except item 3 (never seen: first in line) and item 39 (low).
+        let mut loss: Vec<f32> = (0..40).map(|i| i as f32).collect();
+        loss[3] = f32::NAN;
+        loss[39] = -1.0;
+        let mut a = Cycle::selective(&items, 7, 1, 0.25);
+        assert_eq!(a.later, 10);
+        assert_eq!(a.positions(3.0), 60.0);
+        // The first pass covers everything, in the plain cycle's order.
+        let first = a.take(0, 40, &loss);
+        assert_eq!(first, Cycle::new(&items, 7, 1).take(0, 40, &[]));
+        // The second: the 10 hardest, shuffled.
+        let second = a.take(40, 10, &loss);
+        let mut sorted = second.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [3, 30, 31, 32, 33, 34, 35, 36, 37, 38]);
+        assert_ne!(second, sorted, "a pass is shuffled");
+        // The third pass ranks by the losses when it begins.
+        loss[0] = 100.0;
+        let mut third = a.take(50, 10, &loss);
+        third.sort_unstable();
+        assert_eq!(third, [0, 3, 31, 32, 33, 34, 35, 36, 37, 38]);
+        // A resume in the middle of a pass restores it and draws the same positions.
+        let saved = a.current().cloned();
+        let mut b = Cycle::selective(&items, 7, 1, 0.25);
+        b.pass = saved;
+        loss[5] = 1e9; // losses after the pass began do not change it
+        assert_eq!(b.take(55, 10, &loss)[..5], a.take(55, 5, &loss)[..]);
     }
 }

@@ -231,7 +231,9 @@ pub struct RoundTraining {
     pub epochs: u64,
     /// The epoch whose weights were kept (best validation accuracy, then loss).
     pub best_epoch: u64,
+    #[serde(deserialize_with = "super::report::nan_from_null")]
     pub validation_accuracy: f64,
+    #[serde(deserialize_with = "super::report::nan_from_null")]
     pub validation_loss: f64,
     /// Mean training loss of the kept epoch.
     pub train_loss: f64,
