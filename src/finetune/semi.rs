@@ -154,11 +154,18 @@ impl<B: AutodiffBackend> SemiState<B> {
             progress,
             optimizer: Some(blobs.optimizer),
             learned: blobs.learned,
-            losses: blobs
-                .losses
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            losses: {
+                if !blobs.losses.len().is_multiple_of(4) {
+                    bail!(
+                        "the checkpoint's semi_losses blob is damaged ({} bytes)",
+                        blobs.losses.len()
+                    );
+                }
+                blobs.losses
+            }
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
             pass: pass_from_bytes(&blobs.pass)?,
         })
     }
@@ -443,8 +450,15 @@ pub fn train_semi<B: AutodiffBackend>(
     let label_idx: Vec<usize> = (0..labeled.len()).collect();
     let mut labeled_cycle = Cycle::new(&label_idx, seed, 0);
     if selective {
-        if state.losses.len() != pool.len() {
+        if state.losses.is_empty() {
             state.losses = vec![f32::NAN; pool.len()];
+        } else if state.losses.len() != pool.len() {
+            bail!(
+                "the checkpoint's semi_losses blob holds {} losses for a pool of {}: it is \
+                 damaged or from another run",
+                state.losses.len(),
+                pool.len()
+            );
         }
         pool_cycle.pass = state.pass.take();
     }
