@@ -42,7 +42,14 @@ pub enum Command {
     /// charges each one (<run>/labels.db unless --label-db). Writes checkpoints/<run>/:
     /// config.toml, labels.db, checkpoint.bin, metrics.csv (one row per round), predictions.csv,
     /// summary.json, TensorBoard events and the projector of the fine-tuned embeddings.
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
+    /// Writes a pretrained encoder's features of every training and test image as NumPy arrays
+    /// (no label is read), for analysis outside frugal.
+    ///
+    /// Writes <out>/train.npy ([train images, feature_dim] float32, row i = image i of the
+    /// training file, the label database's item i), <out>/test.npy and <out>/embed.json (the
+    /// encoder and the shapes). The features are the raw encoder output, not standardized.
+    Embed(EmbedArgs),
     /// The label database: import the ground truth, show what was bought.
     #[command(subcommand)]
     Labels(LabelsCommand),
@@ -58,6 +65,35 @@ pub enum BenchCommand {
     /// the project's pretraining) or of the pool-scoring pass; prints one `RESULT key=value ...`
     /// line, as scripts/peer_torch.py does for PyTorch (scripts/speed-compare.sh runs both).
     Speed(crate::bench::SpeedArgs),
+}
+
+/// `frugal embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// The pretrained encoder: a `frugal ssl-pretrain` run directory.
+    #[arg(long, value_name = "DIR")]
+    pub encoder: PathBuf,
+    /// Output directory (created if missing; earlier arrays there are replaced).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Directory with the Fashion-MNIST IDX files [default: /usr/share/datasets/fashion-mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Embed only the first N training images [default: all].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Embed only the first N test images [default: all].
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub batch_size: usize,
+    /// Where to compute: cpu, cuda, cuda:N or auto (as for ssl-pretrain).
+    #[arg(long, value_name = "cpu|cuda[:N]|auto", default_value = "cpu")]
+    pub device: DeviceKind,
+    /// CPU threads for the tensor kernels (0: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// `frugal labels ...`.
@@ -155,6 +191,10 @@ pub struct FinetuneArgs {
     /// Passes over the unlabeled pool in the semi-supervised stage [default: 10].
     #[arg(long, value_name = "N")]
     pub semi_epochs: Option<f64>,
+    /// Peak learning rate of the semi-supervised stage (after its warm-up; a cosine decay follows)
+    /// [default: 3e-4].
+    #[arg(long, value_name = "LR")]
+    pub semi_lr: Option<f64>,
     /// Each pass after the first trains on this share of the pool: the images with the highest
     /// loss when last seen (selection by loss) [default: 1, every image].
     #[arg(long, value_name = "F")]
@@ -237,7 +277,34 @@ pub struct PretrainArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::SslPretrain(args) => ssl_pretrain(args),
-        Command::Finetune(args) => finetune_cmd(args),
+        Command::Finetune(args) => finetune_cmd(*args),
+        Command::Embed(args) => {
+            crate::device::ensure_available(args.device)?;
+            let job = crate::embed::EmbedJob(crate::embed::EmbedRun {
+                encoder: args.encoder,
+                data_dir: args
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from(crate::data::DEFAULT_DATA_DIR)),
+                out: args.out.clone(),
+                limit: args.limit,
+                test_limit: args.test_limit,
+                batch_size: args.batch_size,
+            });
+            let s = crate::device::run_on(args.device, args.threads, job)?;
+            log(
+                None,
+                &format!(
+                    "wrote {}/train.npy [{}, {}] and test.npy [{}, {}] in {:.0} s",
+                    args.out.display(),
+                    s.train_rows,
+                    s.feature_dim,
+                    s.test_rows,
+                    s.feature_dim,
+                    s.seconds
+                ),
+            );
+            Ok(())
+        }
         Command::Labels(LabelsCommand::Import(args)) => {
             let dir = args
                 .data_dir
@@ -404,6 +471,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.semi_epochs {
         cfg.semi.epochs = v;
+    }
+    if let Some(v) = args.semi_lr {
+        cfg.semi.learning_rate = v;
     }
     if let Some(v) = args.semi_select {
         cfg.semi.select_fraction = v;

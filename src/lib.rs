@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod embed;
 pub mod finetune;
 pub mod kernels;
 pub mod labels;

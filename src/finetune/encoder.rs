@@ -1,6 +1,7 @@
 //! Loading a pretrained encoder from a `frugal ssl-pretrain` run directory.
 
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -8,7 +9,11 @@ use burn::tensor::backend::Backend;
 
 use crate::checkpoint::{record_from_bytes, Checkpoint};
 use crate::config::{Method, PretrainConfig};
+use crate::data::batch::images_tensor;
+use crate::data::FashionMnist;
+use crate::models::host_values;
 use crate::models::{Encoder, EncoderConfig};
+use crate::progress::{images_bar, log};
 
 /// A pretrained encoder and what finetune needs to know of it.
 pub struct PretrainedEncoder<B: Backend> {
@@ -126,4 +131,36 @@ pub fn load_encoder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pretra
         epochs: ck.header.epoch,
         finished: ck.header.finished,
     })
+}
+
+/// Encoder features of every image, `[n, feature_dim]` row-major, `batch_size` images per forward
+/// pass, with a progress bar and a log line.
+pub fn encode_all<B: Backend>(
+    encoder: &Encoder<B>,
+    images: &FashionMnist,
+    batch_size: usize,
+    what: &str,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let n = images.len();
+    let t0 = Instant::now();
+    let bar = images_bar(n as u64, 0, what);
+    let mut out = Vec::new();
+    let idx: Vec<usize> = (0..n).collect();
+    for chunk in idx.chunks(batch_size) {
+        out.extend(host_values(
+            encoder.forward(images_tensor::<B>(images, chunk, device)),
+        )?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    log(
+        None,
+        &format!(
+            "{what}: {n} images encoded in {secs:.0} s ({:.0} img/s)",
+            n as f64 / secs.max(1e-9)
+        ),
+    );
+    Ok(out)
 }

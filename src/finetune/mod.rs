@@ -28,17 +28,17 @@ use serde::{Deserialize, Serialize};
 use crate::active::strategies::{self, Pick, PoolView};
 use crate::active::Pool;
 use crate::checkpoint::{module_to_bytes, record_from_bytes, Checkpoint, CheckpointHeader};
-use crate::data::batch::{fixed_subsample, images_tensor, rng_for, stream};
+use crate::data::batch::{fixed_subsample, rng_for, stream};
 use crate::data::{FashionMnist, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device::BackendJob;
 use crate::labels::{self, DatasetId, LabelDb, Purchase};
 use crate::models::{host_values, Classifier, Encoder};
 use crate::pretrain::ProjectorSample;
-use crate::progress::{images_bar, log};
+use crate::progress::log;
 use crate::run::{MetricsCsv, RunDir};
 use crate::tensorboard::{image_grid, EventWriter};
 use config::{ColdStart, FinetuneConfig, Freeze, SemiKeep, SemiMethod};
-use encoder::load_encoder;
+use encoder::{encode_all, load_encoder};
 use report::{per_class_map, ConfusionMatrix, FinetuneSummary, SemiSummary};
 use semi::{SemiBlobs, SemiProgress, SemiState};
 use train::{score, train_round, Inputs, RoundTraining, Set};
@@ -230,14 +230,14 @@ impl BackendJob for FinetuneJob {
             let f_pool = encode_all(
                 &encoder_inner,
                 &pool_images,
-                &cfg,
+                cfg.train.eval_batch_size,
                 "features (pool)",
                 &device,
             )?;
             let f_test = encode_all(
                 &encoder_inner,
                 &test_images,
-                &cfg,
+                cfg.train.eval_batch_size,
                 "features (test)",
                 &device,
             )?;
@@ -292,7 +292,7 @@ impl BackendJob for FinetuneJob {
                                 let f = encode_all(
                                     &encoder_inner,
                                     &pool_images,
-                                    &cfg,
+                                    cfg.train.eval_batch_size,
                                     "features (cold start)",
                                     &device,
                                 )?;
@@ -803,37 +803,6 @@ fn new_classifier<B: AutodiffBackend>(
         CLASS_NAMES.len(),
         device,
     )
-}
-
-/// Encoder features of every image, `[n, feature_dim]` row-major, with a progress bar.
-fn encode_all<B: Backend>(
-    encoder: &Encoder<B>,
-    images: &FashionMnist,
-    cfg: &FinetuneConfig,
-    what: &str,
-    device: &B::Device,
-) -> Result<Vec<f32>> {
-    let n = images.len();
-    let t0 = Instant::now();
-    let bar = images_bar(n as u64, 0, what);
-    let mut out = Vec::new();
-    let idx: Vec<usize> = (0..n).collect();
-    for chunk in idx.chunks(cfg.train.eval_batch_size) {
-        out.extend(host_values(
-            encoder.forward(images_tensor::<B>(images, chunk, device)),
-        )?);
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    log(
-        None,
-        &format!(
-            "{what}: {n} images encoded in {secs:.0} s ({:.0} img/s)",
-            n as f64 / secs.max(1e-9)
-        ),
-    );
-    Ok(out)
 }
 
 /// A seeded Gaussian random projection of `features` (`n * dim`) to [`COLD_START_DIM`]
