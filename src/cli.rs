@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::active::Strategy;
 use crate::checkpoint::Checkpoint;
 use crate::config::{DeviceKind, Method, PretrainConfig};
-use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze, SemiMethod};
+use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze, SemiMethod, SemiTeacher};
 use crate::finetune::{self, FinetuneRun};
 use crate::labels::{self, LabelDb};
 use crate::pretrain::{self, PretrainRun, STAGE};
@@ -195,6 +195,10 @@ pub struct FinetuneArgs {
     /// [default: 3e-4].
     #[arg(long, value_name = "LR")]
     pub semi_lr: Option<f64>,
+    /// Which weights label the pool in the semi-supervised stage: model (the trained weights,
+    /// FixMatch) or ema (their moving average, a mean teacher) [default: model].
+    #[arg(long, value_enum, value_name = "model|ema")]
+    pub semi_teacher: Option<SemiTeacher>,
     /// Each pass after the first trains on this share of the pool: the images with the highest
     /// loss when last seen (selection by loss) [default: 1, every image].
     #[arg(long, value_name = "F")]
@@ -474,6 +478,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.semi_lr {
         cfg.semi.learning_rate = v;
+    }
+    if let Some(v) = args.semi_teacher {
+        cfg.semi.teacher = v;
     }
     if let Some(v) = args.semi_select {
         cfg.semi.select_fraction = v;

@@ -33,7 +33,15 @@ fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
 
 fn embed(encoder: &Path, data: &Path, out: &Path, batch: &str) -> std::process::Output {
     run(frugal()
-        .args(["embed", "--threads", "2", "--limit", "50", "--test-limit", "20"])
+        .args([
+            "embed",
+            "--threads",
+            "2",
+            "--limit",
+            "50",
+            "--test-limit",
+            "20",
+        ])
         .arg("--encoder")
         .arg(encoder)
         .arg("--data-dir")
@@ -60,8 +68,7 @@ fn embed_writes_one_feature_row_per_image_whatever_the_batch() {
     assert_eq!((n, m), (50, 20));
     assert_eq!(dim, dim_test);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("a/embed.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root.join("a/embed.json")).unwrap()).unwrap();
     assert_eq!(meta["feature_dim"], dim);
     assert_eq!(meta["train_rows"], 50);
     assert_eq!(meta["encoder"]["method"], "vae");
@@ -84,7 +91,12 @@ fn embed_writes_one_feature_row_per_image_whatever_the_batch() {
 #[test]
 fn embed_refuses_a_directory_that_is_no_encoder_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = embed(tmp.path(), Path::new("/nonexistent"), &tmp.path().join("o"), "8");
+    let out = embed(
+        tmp.path(),
+        Path::new("/nonexistent"),
+        &tmp.path().join("o"),
+        "8",
+    );
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("is not a pretraining run"), "{err}");

@@ -1,7 +1,7 @@
 //! The semi-supervised stage of `frugal finetune` (`--semi fixmatch`) end to end on real
 //! Fashion-MNIST slices: it trains the encoder, buys nothing, resumes exactly after a kill (with
-//! selection by loss, whose passes depend on the losses), the time budget shortens it, and a
-//! refit trains on every bought label.
+//! selection by loss, whose passes depend on the losses, and the moving-average teacher), the time
+//! budget shortens it, and a refit trains on every bought label.
 
 mod common;
 
@@ -37,10 +37,11 @@ fn semi_finetune(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &s
     finetune_with(pipeline, root, data, enc, name)
 }
 
-/// The stage with selection by loss: passes after the first train on half the pool.
+/// The stage with selection by loss (passes after the first train on half the pool) and the
+/// moving average as the teacher: the settings whose state a resume must restore.
 fn selective(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) -> Command {
     let mut c = semi_finetune(root, data, enc, pipeline, name);
-    c.args(["--semi-select", "0.5"]);
+    c.args(["--semi-select", "0.5", "--semi-teacher", "ema"]);
     c
 }
 
@@ -65,6 +66,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
         stderr(&out)
     );
     let s = summary(&root.join("straight"));
+    assert_eq!(s["config"]["semi"]["teacher"], "ema");
     let semi = &s["semi"];
     // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass; 4 passes, the last
     // three over half the pool: 2.5 full passes.

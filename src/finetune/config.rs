@@ -264,6 +264,23 @@ pub enum SemiKeep {
     BestValidation,
 }
 
+/// Which weights label the pool's weak views in the stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SemiTeacher {
+    /// The weights being trained (FixMatch).
+    #[default]
+    Model,
+    /// Their exponential moving average (`ema_decay`): steadier pseudo-labels (a mean teacher).
+    Ema,
+}
+
+impl SemiTeacher {
+    fn is_model(&self) -> bool {
+        *self == Self::Model
+    }
+}
+
 /// The semi-supervised stage that trains the final classifier after the last purchase
 /// (`[semi]`). Pseudo-labels never reach the label database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,6 +326,9 @@ pub struct SemiConfig {
     /// and no validation is left, so `keep` must be `last`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub train_on_validation: bool,
+    /// Which weights give the pseudo-labels: the trained ones, or their moving average.
+    #[serde(skip_serializing_if = "SemiTeacher::is_model")]
+    pub teacher: SemiTeacher,
 }
 
 /// Fields added after runs were saved are left out of the saved config (and of the plan a resume
@@ -343,6 +363,7 @@ impl Default for SemiConfig {
             },
             select_fraction: 1.0,
             train_on_validation: false,
+            teacher: SemiTeacher::Model,
         }
     }
 }
@@ -579,6 +600,25 @@ mod tests {
                 ..SemiConfig::default()
             }
         );
+    }
+
+    #[test]
+    fn settings_added_later_leave_older_plans_resumable_and_round_trip() {
+        let mut cfg = FinetuneConfig::default();
+        cfg.semi.method = SemiMethod::Fixmatch;
+        // At their defaults they are not saved, so a run saved before they existed keeps its plan.
+        let plan = cfg.plan().to_string();
+        for key in ["teacher", "select_fraction", "train_on_validation"] {
+            assert!(!plan.contains(key), "{key} in {plan}");
+        }
+        cfg.semi.teacher = SemiTeacher::Ema;
+        let text = cfg.to_toml().unwrap();
+        assert!(text.contains("teacher = \"ema\""), "{text}");
+        let back: FinetuneConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.semi.teacher, SemiTeacher::Ema);
+        assert_ne!(back.plan(), FinetuneConfig::default().plan());
+        let err = toml::from_str::<FinetuneConfig>("[semi]\nteacher = \"student\"\n").unwrap_err();
+        assert!(err.to_string().contains("teacher"), "{err}");
     }
 
     #[test]

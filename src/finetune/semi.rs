@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config::{FinetuneConfig, SemiKeep, SemiThresholds};
+use super::config::{FinetuneConfig, SemiKeep, SemiTeacher, SemiThresholds};
 use super::train::{accuracy_and_loss, argmax, keep_mask, score, Inputs, Set};
 use crate::checkpoint::{module_to_bytes, record_from_bytes, record_to_bytes};
 use crate::config::warmup_cosine;
@@ -548,13 +548,12 @@ pub fn train_semi<B: AutodiffBackend>(
         }));
 
         // Pseudo-labels from the weak views, without gradients or dropout.
-        let weak_probs = host_values(softmax(
-            state.model.valid().forward(
-                ClassifierInput::Images(images::<B::InnerBackend>(weak_pool, nu, device)),
-                None,
-            ),
-            1,
-        ))?;
+        let weak = ClassifierInput::Images(images::<B::InnerBackend>(weak_pool, nu, device));
+        let weak_logits = match s.teacher {
+            SemiTeacher::Model => state.model.valid().forward(weak, None),
+            SemiTeacher::Ema => state.ema.forward(weak, None),
+        };
+        let weak_probs = host_values(softmax(weak_logits, 1))?;
         let mut targets: Vec<i64> = picks.iter().map(|&j| labeled[j].1 as i64).collect();
         let mut weights: Vec<f32> = vec![1.0 / nl as f32; nl];
         let thresholds =
