@@ -37,12 +37,28 @@ for strategy in a.strategies if a.semi else []:
                 rows.append({"strategy": name, "seed": seed, "labels": b, "test_accuracy": acc,
                              "validation_accuracy": val,
                              "run_seconds": round(summary["seconds"], 1)})
+def last_round(run):
+    """A run's summary and its metrics rows by labels bought."""
+    summary = json.loads((run / "summary.json").read_text())
+    with open(run / "metrics.csv") as f:
+        return summary, {int(r["labels"]): r for r in csv.DictReader(f)}
+
+
 for strategy in [] if a.semi else a.strategies:
     for seed in a.seeds:
+        if strategy == "typiclust":  # one purchase per run, a run per budget
+            for b in a.budgets:
+                summary, metrics = last_round(out / f"{strategy}-s{seed}-b{b}")
+                r = metrics[b]
+                rows.append({
+                    "strategy": strategy, "seed": seed, "labels": b,
+                    "test_accuracy": float(r["test_accuracy"]),
+                    "validation_accuracy": float(r["validation_accuracy"]),
+                    "run_seconds": round(summary["seconds"], 1),
+                })
+            continue
         run = out / f"{strategy}-s{seed}"
-        summary = json.loads((run / "summary.json").read_text())
-        with open(run / "metrics.csv") as f:
-            metrics = {int(r["labels"]): r for r in csv.DictReader(f)}
+        summary, metrics = last_round(run)
         for b in a.budgets:
             if b not in metrics:
                 sys.exit(f"error: {run}/metrics.csv has no round at {b} labels: pick budgets on "

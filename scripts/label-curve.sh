@@ -11,7 +11,8 @@
 # deterministic; README says how this was checked). Budgets must therefore lie on the round
 # schedule (--initial + k * --per-round). The random strategy uses a random cold start, the others
 # the label-free k-means cold start; `typiclust` is not a strategy of `finetune` but the k-means
-# cold start buying the whole budget at once (--initial = budget).
+# cold start buying the whole budget at once (--initial = budget), one run per budget
+# (typiclust-s<seed>-b<budget>).
 # --semi: the semi-supervised stage (`--semi fixmatch`) trains the final model after the last
 # purchase, so every budget is its own run (<strategy>-s<seed>-b<budget>); the table shows each
 # strategy before and after the stage.
@@ -78,11 +79,15 @@ for strategy in $strategies; do
                 finetune "$strategy-s$seed-b$b" --encoder "$encoder" --labels "$b" "${plan[@]}" \
                     "${initial[@]}" --semi fixmatch --seed "$seed"
             done
+        elif [ "$strategy" = typiclust ]; then
+            # One purchase per run: each budget is its own run.
+            for b in $budgets; do
+                finetune "$strategy-s$seed-b$b" --encoder "$encoder" --labels "$b" "${plan[@]}" \
+                    --initial "$b" --seed "$seed"
+            done
         else
-            initial=()
-            [ "$strategy" = typiclust ] && initial=(--initial "$max")
             finetune "$strategy-s$seed" --encoder "$encoder" --labels "$max" "${plan[@]}" \
-                "${initial[@]}" --seed "$seed"
+                --seed "$seed"
         fi
     done
 done
