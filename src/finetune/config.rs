@@ -616,7 +616,10 @@ mod tests {
         assert!(text.contains("teacher = \"ema\""), "{text}");
         let back: FinetuneConfig = toml::from_str(&text).unwrap();
         assert_eq!(back.semi.teacher, SemiTeacher::Ema);
-        assert_ne!(back.plan(), FinetuneConfig::default().plan());
+        // A resume with the other teacher is another plan, so it is refused.
+        let mut model_teacher = back.clone();
+        model_teacher.semi.teacher = SemiTeacher::Model;
+        assert_ne!(back.plan(), model_teacher.plan());
         let err = toml::from_str::<FinetuneConfig>("[semi]\nteacher = \"student\"\n").unwrap_err();
         assert!(err.to_string().contains("teacher"), "{err}");
     }
