@@ -44,18 +44,23 @@ def last_round(run):
         return summary, {int(r["labels"]): r for r in csv.DictReader(f)}
 
 
+def round_row(strategy, seed, b, r, summary, plot_only=False):
+    """The table row of the round `r` (a metrics.csv row) that reached `b` labels."""
+    row = {"strategy": strategy, "seed": seed, "labels": b,
+           "test_accuracy": float(r["test_accuracy"]),
+           "validation_accuracy": float(r["validation_accuracy"]),
+           "run_seconds": round(summary["seconds"], 1)}
+    if plot_only:
+        row["_plot_only"] = True
+    return row
+
+
 for strategy in [] if a.semi else a.strategies:
     for seed in a.seeds:
         if strategy == "typiclust":  # one purchase per run, a run per budget
             for b in a.budgets:
                 summary, metrics = last_round(out / f"{strategy}-s{seed}-b{b}")
-                r = metrics[b]
-                rows.append({
-                    "strategy": strategy, "seed": seed, "labels": b,
-                    "test_accuracy": float(r["test_accuracy"]),
-                    "validation_accuracy": float(r["validation_accuracy"]),
-                    "run_seconds": round(summary["seconds"], 1),
-                })
+                rows.append(round_row(strategy, seed, b, metrics[b], summary))
             continue
         run = out / f"{strategy}-s{seed}"
         summary, metrics = last_round(run)
@@ -63,20 +68,11 @@ for strategy in [] if a.semi else a.strategies:
             if b not in metrics:
                 sys.exit(f"error: {run}/metrics.csv has no round at {b} labels: pick budgets on "
                          f"the round schedule (--initial + k * --per-round)")
-            r = metrics[b]
-            rows.append({
-                "strategy": strategy, "seed": seed, "labels": b,
-                "test_accuracy": float(r["test_accuracy"]),
-                "validation_accuracy": float(r["validation_accuracy"]),
-                "run_seconds": round(summary["seconds"], 1),
-            })
+            rows.append(round_row(strategy, seed, b, metrics[b], summary))
         # Every round of the run, for the plot.
         for b, r in sorted(metrics.items()):
             if b not in a.budgets:
-                rows.append({"strategy": strategy, "seed": seed, "labels": b,
-                             "test_accuracy": float(r["test_accuracy"]),
-                             "validation_accuracy": float(r["validation_accuracy"]),
-                             "run_seconds": round(summary["seconds"], 1), "_plot_only": True})
+                rows.append(round_row(strategy, seed, b, r, summary, plot_only=True))
 
 table = [r for r in rows if not r.get("_plot_only")]
 with open(out / "curve.csv", "w", newline="") as f:
