@@ -24,6 +24,9 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "frozen-pseudo-labels: give finished finetune run directories" >&2; exit 2; }
 out=${out:-checkpoints/embed-$(basename "$encoder")}
+for run in "$@"; do
+  [ -f "$run/labels.db" ] || { echo "frozen-pseudo-labels: $run has no labels.db: give finished finetune run directories" >&2; exit 2; }
+done
 
 if ! .venv-torch/bin/python -c "import torch, numpy" 2>/dev/null; then
   echo "frozen-pseudo-labels: installing PyTorch into .venv-torch (once; several GB)" >&2
@@ -31,5 +34,9 @@ if ! .venv-torch/bin/python -c "import torch, numpy" 2>/dev/null; then
   .venv-torch/bin/pip install -q --disable-pip-version-check torch numpy
 fi
 cargo build --release --quiet
-[ -f "$out/embed.json" ] || target/release/frugal embed --encoder "$encoder" --out "$out"
+# Embed again unless $out holds this encoder's arrays (embed.json is written last, so its presence
+# means they are complete).
+if ! grep -qF "\"encoder_run\": \"$encoder\"" "$out/embed.json" 2>/dev/null; then
+  target/release/frugal embed --encoder "$encoder" --out "$out"
+fi
 .venv-torch/bin/python scripts/frozen_pseudo_labels.py --embeddings "$out" --runs "$@"

@@ -61,6 +61,13 @@ impl BackendJob for EmbedJob {
         let dim = pretrained.feature_dim;
         std::fs::create_dir_all(&r.out)
             .with_context(|| format!("cannot create the output directory {}", r.out.display()))?;
+        // embed.json is written last: a kill while the arrays are replaced must not leave an
+        // earlier run's description next to them.
+        let meta = r.out.join("embed.json");
+        if meta.exists() {
+            std::fs::remove_file(&meta)
+                .with_context(|| format!("cannot replace {}", meta.display()))?;
+        }
         for (images, name) in [(&train, "train"), (&test, "test")] {
             let rows = encode_all(
                 &pretrained.encoder,
@@ -82,10 +89,7 @@ impl BackendJob for EmbedJob {
                 .into(),
             seconds: started.elapsed().as_secs_f64(),
         };
-        crate::checkpoint::write_atomic(
-            &r.out.join("embed.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        crate::checkpoint::write_atomic(&meta, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         Ok(summary)
     }
 }

@@ -86,6 +86,13 @@ fn embed_writes_one_feature_row_per_image_whatever_the_batch() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "batch size changed a feature by {worst}");
+
+    // A second export into the same directory replaces the arrays and their description.
+    let again = embed(&enc, &data, &root.join("a"), "7");
+    assert!(again.status.success(), "embed failed: {}", stderr(&again));
+    assert!(root.join("a/embed.json").exists());
+    assert!(!root.join("a/train.npy.tmp").exists());
+    assert_eq!(read_npy(&root.join("a/train.npy")).0, (50, dim));
 }
 
 #[test]
