@@ -86,16 +86,28 @@ def cell(values):
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100*m:.2f} ± {100*sd:.2f} ({100*min(values):.2f}–{100*max(values):.2f})"
 
-lines = ["| strategy | " + " | ".join(f"{b} labels" for b in a.budgets) + " |",
-         "|---|" + "---|" * len(a.budgets)]
-for strategy in names:
-    cells = []
-    for b in a.budgets:
-        v = [r["test_accuracy"] for r in table if r["strategy"] == strategy and r["labels"] == b]
-        cells.append(cell(v))
-    lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+def accuracy_table(key):
+    rows = ["| strategy | " + " | ".join(f"{b} labels" for b in a.budgets) + " |",
+            "|---|" + "---|" * len(a.budgets)]
+    for strategy in names:
+        cells = []
+        for b in a.budgets:
+            v = [r[key] for r in table if r["strategy"] == strategy and r["labels"] == b]
+            cells.append(cell(v))
+        rows.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return rows
+
+
+lines = accuracy_table("test_accuracy")
 lines.append("")
 lines.append(f"Test accuracy in %: mean ± standard deviation (min–max) over seeds {a.seeds}.")
+lines.append("")
+lines += accuracy_table("validation_accuracy")
+lines.append("")
+lines.append("Validation accuracy in % on the bought validation labels (the kept weights'). Only "
+             "with `--validation random` do all strategies of a seed validate on the same images; "
+             "otherwise each validates on a share of its own purchases and the rows do not "
+             "compare.")
 (out / "curve.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 

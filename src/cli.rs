@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::active::Strategy;
+use crate::active::{Strategy, ValidationSlice};
 use crate::checkpoint::Checkpoint;
 use crate::config::{DeviceKind, Method, PretrainConfig};
 use crate::finetune::config::{ColdStart, FinetuneConfig, Freeze, SemiMethod, SemiTeacher};
@@ -153,6 +153,15 @@ pub struct FinetuneArgs {
     /// How the first batch is chosen, label-free [default: kmeans].
     #[arg(long, value_enum)]
     pub cold_start: Option<ColdStart>,
+    /// Which bought labels validate (early stopping, kept weights): split (a share,
+    /// --validation-fraction, of what the strategy buys) or random (that share of the budget is
+    /// a seeded random slice of the pool, bought first and never trained on: the same images for
+    /// every strategy with the same seed, so validation accuracies compare) [default: split].
+    #[arg(long, value_enum)]
+    pub validation: Option<ValidationSlice>,
+    /// Share of the labels that validate (see --validation) [default: 0.2].
+    #[arg(long, value_name = "F")]
+    pub validation_fraction: Option<f64>,
     /// Acquisition strategy of later rounds [default: margin-kcenter: the most uncertain by
     /// margin, then k-center among them for diversity].
     #[arg(long, value_enum)]
@@ -436,6 +445,12 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.per_round {
         l.per_round = v;
+    }
+    if let Some(v) = args.validation {
+        l.validation = v;
+    }
+    if let Some(v) = args.validation_fraction {
+        l.validation_fraction = v;
     }
     if let Some(r) = args.rounds {
         l.per_round = l.per_round_for(r);

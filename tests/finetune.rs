@@ -282,3 +282,90 @@ fn freeze_modes_train_the_right_weights() {
         }
     }
 }
+
+/// `--validation random`: a seeded random slice of the pool, bought with the first batch and
+/// recorded in the ledger as `validation`, is the same for two strategies and cold starts with the
+/// same seed, validates, and never trains; the plan records it, so a resume without it is refused.
+#[test]
+fn a_random_validation_slice_is_shared_by_strategies_and_bought_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc) = setup(root);
+    let random_slice = ["--validation", "random", "--validation-fraction", "0.25"];
+    let mut slices = Vec::new();
+    for (name, plan) in [
+        ("margin", ["--strategy", "margin", "--cold-start", "kmeans"]),
+        (
+            "kcenter",
+            ["--strategy", "margin-kcenter", "--cold-start", "random"],
+        ),
+    ] {
+        let out = run(smoke_finetune(root, &data, &enc, name)
+            .args(random_slice)
+            .args(plan));
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let run_dir = root.join(name);
+        let bought = LabelDb::open(&run_dir.join("labels.db"))
+            .unwrap()
+            .bought()
+            .unwrap();
+        assert_eq!(bought.len(), 60, "{name}: the budget, slice included");
+        let mut items: Vec<u64> = bought.iter().map(|b| b.item).collect();
+        items.sort();
+        items.dedup();
+        assert_eq!(items.len(), 60, "{name}: an item was bought twice");
+        let slice: Vec<u64> = bought
+            .iter()
+            .filter(|b| b.strategy == "validation")
+            .map(|b| b.item)
+            .collect();
+        assert_eq!(slice.len(), 15, "{name}: 25% of 60");
+        assert!(bought
+            .iter()
+            .filter(|b| b.strategy == "validation")
+            .all(|b| b.round == 0));
+        // Round 0 is the slice and the 15 of the cold start; later rounds buy 15 each.
+        assert_eq!(bought.iter().filter(|b| b.round == 0).count(), 30);
+        let s = summary(&run_dir);
+        assert_eq!(s["train_labels"], 45);
+        assert_eq!(s["validation_labels"], 15);
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+        let rows: Vec<Vec<String>> = metrics
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect();
+        let spent: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(spent, ["30", "45", "60"]);
+        assert!(rows.iter().all(|r| r[3] == "15"), "{name}: {metrics}");
+        slices.push(slice);
+    }
+    let mut sorted = slices.clone();
+    sorted.iter_mut().for_each(|s| s.sort());
+    assert_eq!(
+        sorted[0], sorted[1],
+        "one seed, one slice, whatever the strategy"
+    );
+
+    // A resume must keep the plan: without the slice it is another run.
+    let out =
+        run(smoke_finetune(root, &data, &enc, "margin").args(["--resume", "--strategy", "margin"]));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another label plan"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A budget the slice and the first batch do not fit in is refused before anything is bought.
+    let out = run(smoke_finetune(root, &data, &enc, "small")
+        .args(["--labels", "18"])
+        .args(random_slice));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("random validation slice (5"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!root.join("small/labels.db").exists());
+}

@@ -11,6 +11,44 @@ use crate::labels::BoughtLabel;
 /// A bought label: `(pool item, class)`.
 pub type Labeled = (usize, u8);
 
+/// The ledger's strategy name of the labels bought for a random validation slice
+/// ([`ValidationSlice::Random`]).
+pub const VALIDATION_STRATEGY: &str = "validation";
+
+/// Which bought labels validate (early stopping, the choice of the kept weights).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValidationSlice {
+    /// A seeded hash picks a share of the labels bought by the run's own strategy: no label is
+    /// spent on validation alone, but the slice is as hard as what the strategy buys, so its
+    /// accuracy cannot be compared across strategies.
+    #[default]
+    Split,
+    /// A seeded random sample of the pool, bought with the first batch and recorded in the
+    /// ledger as `validation`: the same images for every strategy with the same seed, so
+    /// validation accuracies compare across strategies (and a refit can be checked).
+    Random,
+}
+
+impl ValidationSlice {
+    pub fn name(self) -> &'static str {
+        match self {
+            ValidationSlice::Split => "split",
+            ValidationSlice::Random => "random",
+        }
+    }
+}
+
 /// The pool of `size` training images and the labels bought so far.
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -94,10 +132,38 @@ impl Pool {
         self.bought.iter().map(|b| b.label).collect()
     }
 
-    /// Splits the bought labels into `(train, validation)` pairs `(item, label)`: a seeded hash of
-    /// each item ranks it, the lowest `fraction` go to validation (at least one when there are two
-    /// or more labels and `fraction > 0`). Labels only, never the test set, drive model choices.
-    pub fn split(&self, fraction: f64, seed: u64) -> (Vec<Labeled>, Vec<Labeled>) {
+    /// Splits the bought labels into `(train, validation)` pairs `(item, label)`, both ascending.
+    /// [`ValidationSlice::Split`]: see [`Pool::hash_split`]. [`ValidationSlice::Random`]: the
+    /// labels the ledger records as bought for validation ([`VALIDATION_STRATEGY`]) validate, all
+    /// others train. Labels only, never the test set, drive model choices.
+    pub fn split(
+        &self,
+        slice: ValidationSlice,
+        fraction: f64,
+        seed: u64,
+    ) -> (Vec<Labeled>, Vec<Labeled>) {
+        match slice {
+            ValidationSlice::Split => self.hash_split(fraction, seed),
+            ValidationSlice::Random => {
+                let (mut val, mut train): (Vec<Labeled>, Vec<Labeled>) = (Vec::new(), Vec::new());
+                for b in &self.bought {
+                    let to = if b.strategy == VALIDATION_STRATEGY {
+                        &mut val
+                    } else {
+                        &mut train
+                    };
+                    to.push((b.item as usize, b.label));
+                }
+                val.sort_unstable();
+                train.sort_unstable();
+                (train, val)
+            }
+        }
+    }
+
+    /// A seeded hash of each bought item ranks it, the lowest `fraction` go to validation (at
+    /// least one when there are two or more labels and `fraction > 0`).
+    fn hash_split(&self, fraction: f64, seed: u64) -> (Vec<Labeled>, Vec<Labeled>) {
         let mut ranked: Vec<(u64, usize, u8)> = self
             .bought
             .iter()
@@ -172,21 +238,41 @@ mod tests {
     fn validation_split_is_seeded_disjoint_and_mostly_stable() {
         let items: Vec<(u64, u32)> = (0..200).map(|i| (i * 3, (i / 50) as u32)).collect();
         let pool = Pool::from_ledger(600, bought(&items)).unwrap();
-        let (train, val) = pool.split(0.2, 1);
+        let (train, val) = pool.split(ValidationSlice::Split, 0.2, 1);
         assert_eq!((train.len(), val.len()), (160, 40));
         assert!(val.iter().all(|v| !train.contains(v)));
-        assert_eq!(pool.split(0.2, 1), (train.clone(), val.clone()));
-        assert_ne!(pool.split(0.2, 2).1, val, "another seed, another hold-out");
+        assert_eq!(
+            pool.split(ValidationSlice::Split, 0.2, 1),
+            (train.clone(), val.clone())
+        );
+        assert_ne!(
+            pool.split(ValidationSlice::Split, 0.2, 2).1,
+            val,
+            "another seed, another hold-out"
+        );
         // Growing the ledger keeps most of the old validation items in validation.
         let more: Vec<(u64, u32)> = (0..250).map(|i| (i * 2, (i / 50) as u32)).collect();
         let bigger = Pool::from_ledger(600, bought(&more)).unwrap();
-        let (_, val2) = bigger.split(0.2, 1);
+        let (_, val2) = bigger.split(ValidationSlice::Split, 0.2, 1);
         let common = val.iter().filter(|v| val2.contains(v)).count();
         let shared = val.iter().filter(|(i, _)| i % 2 == 0).count();
         assert!(common * 2 >= shared, "{common} of {shared}");
         // Tiny sets still get one validation label, never all of them.
         let tiny = Pool::from_ledger(10, bought(&[(1, 0), (2, 0)])).unwrap();
-        let (t, v) = tiny.split(0.2, 1);
+        let (t, v) = tiny.split(ValidationSlice::Split, 0.2, 1);
         assert_eq!((t.len(), v.len()), (1, 1));
+    }
+
+    #[test]
+    fn random_slice_is_what_the_ledger_bought_for_validation() {
+        let mut ledger = bought(&[(4, 0), (8, 0), (2, 0), (6, 1)]);
+        ledger[0].strategy = VALIDATION_STRATEGY.into();
+        ledger[2].strategy = VALIDATION_STRATEGY.into();
+        let pool = Pool::from_ledger(10, ledger).unwrap();
+        let (train, val) = pool.split(ValidationSlice::Random, 0.2, 1);
+        assert_eq!(val, vec![(2, 2), (4, 4)]);
+        assert_eq!(train, vec![(6, 6), (8, 8)]);
+        // Neither the seed nor the fraction moves it.
+        assert_eq!(pool.split(ValidationSlice::Random, 0.5, 9), (train, val));
     }
 }

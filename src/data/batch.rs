@@ -51,6 +51,8 @@ pub mod stream {
     pub const SEMI_STRONG: u64 = 12;
     /// Semi-supervised stage: dropout masks (counter: step).
     pub const SEMI_DROPOUT: u64 = 13;
+    /// The random validation slice bought before the cold start (counter: 0).
+    pub const VALIDATION_SLICE: u64 = 14;
 }
 
 /// The order in which epoch `epoch` visits the `n` images.

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::active::pool::Labeled;
 use crate::active::strategies::Strategy;
+use crate::active::Pool;
+pub use crate::active::ValidationSlice;
 use crate::config::DeviceKind;
 use crate::data::augment::ViewAugmentConfig;
 use crate::data::DEFAULT_DATA_DIR;
@@ -117,7 +120,11 @@ pub struct LabelPlan {
     pub candidate_factor: usize,
     /// MC-dropout forward passes for BALD.
     pub mc_samples: usize,
-    /// Share of the bought labels held out for validation (early stopping, model choice).
+    /// Which labels validate: `split` (a share of those the strategy bought) or `random` (a
+    /// random slice of the pool bought with the first batch, the same for every strategy).
+    pub validation: ValidationSlice,
+    /// Share of the bought labels held out for validation (early stopping, model choice); with
+    /// `validation = "random"`, the share of the budget spent on the random slice.
     pub validation_fraction: f64,
     /// The label database [default: `<run>/labels.db`, created from the training label file].
     pub db: Option<PathBuf>,
@@ -133,6 +140,7 @@ impl Default for LabelPlan {
             strategy: Strategy::MarginKcenter,
             candidate_factor: 10,
             mc_samples: 10,
+            validation: ValidationSlice::Split,
             validation_fraction: 0.2,
             db: None,
         }
@@ -140,9 +148,22 @@ impl Default for LabelPlan {
 }
 
 impl LabelPlan {
-    /// Labels bought in each round: `initial`, then `per_round` until the budget is spent.
+    /// Labels of the random validation slice: `validation_fraction` of the budget (at least one)
+    /// with `validation = "random"`, else 0.
+    pub fn validation_slice_size(&self) -> u64 {
+        match self.validation {
+            ValidationSlice::Split => 0,
+            ValidationSlice::Random => {
+                ((self.validation_fraction * self.budget as f64).round() as u64).max(1)
+            }
+        }
+    }
+
+    /// Labels bought in each round: the random validation slice (if any) and `initial`, then
+    /// `per_round` until the budget is spent.
     pub fn round_sizes(&self) -> Vec<u64> {
-        let mut sizes = vec![self.initial.min(self.budget)];
+        let slice = self.validation_slice_size().min(self.budget);
+        let mut sizes = vec![slice + self.initial.min(self.budget - slice)];
         let mut spent = sizes[0];
         while spent < self.budget {
             let k = self.per_round.min(self.budget - spent);
@@ -152,10 +173,15 @@ impl LabelPlan {
         sizes
     }
 
-    /// `per_round` for `rounds` rounds after the initial batch.
+    /// The bought labels as `(train, validation)` pairs `(item, label)` (see [`Pool::split`]).
+    pub fn split(&self, pool: &Pool, seed: u64) -> (Vec<Labeled>, Vec<Labeled>) {
+        pool.split(self.validation, self.validation_fraction, seed)
+    }
+
+    /// `per_round` for `rounds` rounds after the initial batch (and the random validation slice).
     pub fn per_round_for(&self, rounds: u64) -> u64 {
         self.budget
-            .saturating_sub(self.initial)
+            .saturating_sub(self.initial + self.validation_slice_size())
             .div_ceil(rounds.max(1))
             .max(1)
     }
@@ -423,6 +449,10 @@ impl FinetuneConfig {
             "model": self.model,
             "seed": self.train.seed,
         });
+        // Plans from before the random slice existed stay resumable.
+        if self.labels.validation != ValidationSlice::Split {
+            plan["labels"]["validation"] = serde_json::json!(self.labels.validation);
+        }
         // Runs without the stage keep the plan they were started with (and stay resumable).
         if self.semi.method != SemiMethod::None {
             plan["semi"] = serde_json::to_value(&self.semi).unwrap_or_default();
@@ -440,7 +470,18 @@ impl FinetuneConfig {
         if l.initial == 0 {
             bail!("--initial must be at least 1");
         }
-        if l.initial > l.budget {
+        let slice = l.validation_slice_size();
+        if l.initial + slice > l.budget {
+            if slice > 0 {
+                bail!(
+                    "the label budget ({}) is smaller than the random validation slice ({slice}, \
+                     labels.validation_fraction {} of the budget) plus the first batch \
+                     (--initial {}): lower --initial or raise --labels",
+                    l.budget,
+                    l.validation_fraction,
+                    l.initial
+                );
+            }
             bail!(
                 "the label budget ({}) is smaller than the first batch (--initial {}): \
                  lower --initial or raise --labels",
@@ -464,6 +505,12 @@ impl FinetuneConfig {
             bail!(
                 "labels.validation_fraction must be in [0, 0.9), got {}",
                 l.validation_fraction
+            );
+        }
+        if l.validation == ValidationSlice::Random && l.validation_fraction == 0.0 {
+            bail!(
+                "--validation random needs labels.validation_fraction > 0 (the share of the \
+                 budget the random slice gets)"
             );
         }
         if l.strategy.needs_mc_samples() && l.mc_samples < 2 {
@@ -577,6 +624,47 @@ mod tests {
     }
 
     #[test]
+    fn a_random_validation_slice_is_bought_with_the_first_batch() {
+        let mut plan = LabelPlan {
+            budget: 1000,
+            validation: ValidationSlice::Random,
+            ..LabelPlan::default()
+        };
+        // 20% of the budget validates; the active schedule spends the other 800.
+        assert_eq!(plan.validation_slice_size(), 200);
+        assert_eq!(plan.round_sizes(), vec![400, 200, 200, 200]);
+        assert_eq!(plan.per_round_for(3), 200);
+        plan.validation_fraction = 0.1;
+        assert_eq!(plan.round_sizes(), vec![300, 200, 200, 200, 100]);
+        // A tiny share still buys one label; `split` buys none.
+        plan.budget = 3;
+        plan.initial = 1;
+        assert_eq!(plan.validation_slice_size(), 1);
+        plan.validation = ValidationSlice::Split;
+        assert_eq!(plan.validation_slice_size(), 0);
+        assert_eq!(plan.round_sizes(), vec![1, 2]);
+    }
+
+    #[test]
+    fn the_validation_slice_is_part_of_the_plan_only_when_random() {
+        let mut cfg = FinetuneConfig::default();
+        assert!(!cfg.plan().to_string().contains("\"validation\""));
+        let split = cfg.plan();
+        cfg.labels.validation = ValidationSlice::Random;
+        assert_eq!(cfg.plan()["labels"]["validation"], "random");
+        assert_ne!(
+            cfg.plan(),
+            split,
+            "a resume with the other slice is refused"
+        );
+        let back: FinetuneConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(back.labels.validation, ValidationSlice::Random);
+        let err =
+            toml::from_str::<FinetuneConfig>("[labels]\nvalidation = \"test\"\n").unwrap_err();
+        assert!(err.to_string().contains("validation"), "{err}");
+    }
+
+    #[test]
     fn shipped_pipelines_parse_and_the_main_one_is_the_default() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         for name in [
@@ -634,6 +722,16 @@ mod tests {
         let err = cfg.validate(Some(1000)).unwrap_err().to_string();
         assert!(err.contains("larger than the pool"), "{err}");
         cfg.validate(Some(60_000)).unwrap();
+        // The random validation slice comes out of the budget too.
+        cfg.labels.budget = 220;
+        cfg.labels.validation = ValidationSlice::Random;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("random validation slice (44"), "{err}");
+        cfg.labels.budget = 250;
+        cfg.validate(None).unwrap();
+        cfg.labels.validation_fraction = 0.0;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("validation_fraction > 0"), "{err}");
     }
 
     #[test]

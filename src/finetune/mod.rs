@@ -26,7 +26,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::active::strategies::{self, Pick, PoolView};
-use crate::active::Pool;
+use crate::active::{Pool, VALIDATION_STRATEGY};
 use crate::checkpoint::{module_to_bytes, record_from_bytes, Checkpoint, CheckpointHeader};
 use crate::data::batch::{fixed_subsample, rng_for, stream};
 use crate::data::{FashionMnist, Split, CLASS_NAMES, IMAGE_SIDE};
@@ -277,9 +277,19 @@ impl BackendJob for FinetuneJob {
         let (model, training, test_probs) = loop {
             let round = pool.rounds();
             if round == 0 {
-                let k = sizes[0] as usize;
+                // The random validation slice is drawn first, from the whole pool, so every
+                // strategy and cold start with this seed validates on the same images.
+                let slice = validation_slice(&pool.candidates(), &cfg, seed);
+                let in_slice: std::collections::HashSet<usize> =
+                    slice.iter().map(|p| p.item).collect();
+                let candidates: Vec<usize> = pool
+                    .candidates()
+                    .into_iter()
+                    .filter(|i| !in_slice.contains(i))
+                    .collect();
+                let k = sizes[0] as usize - slice.len();
                 let picks = match cfg.labels.cold_start {
-                    ColdStart::Random => random_picks(&pool.candidates(), k, seed),
+                    ColdStart::Random => random_picks(&candidates, k, seed),
                     ColdStart::Kmeans => {
                         let f = match &inputs.features {
                             Some((f, _, _)) => project::<B::InnerBackend>(
@@ -304,17 +314,32 @@ impl BackendJob for FinetuneJob {
                                 )?
                             }
                         };
+                        let f = gather_rows(&f, COLD_START_DIM, &candidates);
                         let mut rng = rng_for(seed, stream::ACQUIRE, 0);
                         strategies::kmeans_typical(&f, COLD_START_DIM, k, 20, 20, &mut rng)?
+                            .into_iter()
+                            .map(|p| Pick {
+                                item: candidates[p.item],
+                                ..p
+                            })
+                            .collect()
                     }
                 };
-                buy(&mut db, &mut pool, &picks, 0, cfg.labels.cold_start.name())?;
+                buy(
+                    &mut db,
+                    &mut pool,
+                    &[
+                        (&slice, VALIDATION_STRATEGY),
+                        (&picks, cfg.labels.cold_start.name()),
+                    ],
+                    0,
+                )?;
                 log_purchase(&mut tb, &pool, &pool_images, 0, cfg.report.bought_grid)?;
                 continue;
             }
 
             let t_round = Instant::now();
-            let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
+            let (train_set, val_set) = cfg.labels.split(&pool, seed);
             let (model, training) = match trained.take() {
                 Some(m) => m,
                 None => {
@@ -422,7 +447,7 @@ impl BackendJob for FinetuneJob {
             let mut rng = rng_for(seed, stream::ACQUIRE, round as u64);
             let picks =
                 strategies::select(strategy, &view, k, cfg.labels.candidate_factor, &mut rng)?;
-            buy(&mut db, &mut pool, &picks, round, strategy.name())?;
+            buy(&mut db, &mut pool, &[(&picks, strategy.name())], round)?;
             log_purchase(&mut tb, &pool, &pool_images, round, cfg.report.bought_grid)?;
         };
 
@@ -508,7 +533,7 @@ impl BackendJob for FinetuneJob {
             &format!("test confusion matrix (rows: true class):\n{}", cm.table()),
         );
 
-        let (train_set, val_set) = pool.split(cfg.labels.validation_fraction, seed);
+        let (train_set, val_set) = cfg.labels.split(&pool, seed);
         let summary = FinetuneSummary {
             run_dir: run.root.display().to_string(),
             device: cfg.device.to_string(),
@@ -571,9 +596,7 @@ impl Stage<'_> {
         device: &B::Device,
     ) -> Result<(SemiState<B>, Vec<f32>, SemiSummary)> {
         let cfg = self.cfg;
-        let (mut train_set, mut val_set) = self
-            .pool
-            .split(cfg.labels.validation_fraction, cfg.train.seed);
+        let (mut train_set, mut val_set) = self.cfg.labels.split(self.pool, cfg.train.seed);
         if cfg.semi.train_on_validation {
             // Refit: every bought label trains; nothing is left to validate on.
             train_set.append(&mut val_set);
@@ -721,21 +744,18 @@ fn check_ledger(pool: &Pool, sizes: &[u64]) -> Result<()> {
     Ok(())
 }
 
-/// Buys `picks` in one database transaction and reloads the pool from the ledger.
-fn buy(
-    db: &mut LabelDb,
-    pool: &mut Pool,
-    picks: &[Pick],
-    round: u32,
-    strategy: &str,
-) -> Result<()> {
-    let purchases: Vec<Purchase> = picks
+/// Buys each group of picks under its strategy name, all in one database transaction, and
+/// reloads the pool from the ledger.
+fn buy(db: &mut LabelDb, pool: &mut Pool, groups: &[(&[Pick], &str)], round: u32) -> Result<()> {
+    let purchases: Vec<Purchase> = groups
         .iter()
-        .map(|p| Purchase {
-            item: p.item as u64,
-            round,
-            strategy,
-            score: p.score,
+        .flat_map(|&(picks, strategy)| {
+            picks.iter().map(move |p| Purchase {
+                item: p.item as u64,
+                round,
+                strategy,
+                score: p.score,
+            })
         })
         .collect();
     db.query(&purchases)?;
@@ -774,6 +794,30 @@ fn log_purchase(
 }
 
 /// `k` random candidates.
+/// The random validation slice of `cfg` (empty unless `labels.validation = "random"`): a seeded
+/// sample of `candidates` that depends on the seed alone, and for a larger budget extends the
+/// smaller budget's slice.
+fn validation_slice(candidates: &[usize], cfg: &FinetuneConfig, seed: u64) -> Vec<Pick> {
+    let mut c = candidates.to_vec();
+    c.shuffle(&mut rng_for(seed, stream::VALIDATION_SLICE, 0));
+    c.truncate(cfg.labels.validation_slice_size() as usize);
+    c.into_iter()
+        .map(|item| Pick { item, score: None })
+        .collect()
+}
+
+/// Rows `rows` (ascending, distinct) of a row-major `[n * dim]` matrix.
+fn gather_rows(matrix: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
+    if rows.len() * dim == matrix.len() {
+        // Ascending and distinct, so every row in order (round 0 without a slice).
+        return matrix.to_vec();
+    }
+    rows.iter()
+        .flat_map(|&r| &matrix[r * dim..(r + 1) * dim])
+        .copied()
+        .collect()
+}
+
 fn random_picks(candidates: &[usize], k: usize, seed: u64) -> Vec<Pick> {
     let mut c = candidates.to_vec();
     c.shuffle(&mut rng_for(seed, stream::ACQUIRE, 0));
