@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The label-efficiency curve: strategies x budgets x seeds from one pretrained encoder.
 #
-#   scripts/label-curve.sh [--encoder DIR] [--strategies "random margin-kcenter"]
+#   scripts/label-curve.sh [--encoder DIR] [--strategies "random margin"]
 #                          [--budgets "1000 2000"] [--seeds "1 2 3"] [--out DIR] [--semi]
 #                          [-- FINETUNE FLAGS]
 #
@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 encoder=checkpoints/fashion-vae
-strategies="random margin-kcenter"
+strategies="random margin"
 budgets="1000 2000"
 seeds="1 2 3"
 out=checkpoints/label-curve

@@ -162,8 +162,8 @@ pub struct FinetuneArgs {
     /// Share of the labels that validate (see --validation) [default: 0.2].
     #[arg(long, value_name = "F")]
     pub validation_fraction: Option<f64>,
-    /// Acquisition strategy of later rounds [default: margin-kcenter: the most uncertain by
-    /// margin, then k-center among them for diversity].
+    /// Acquisition strategy of later rounds [default: margin: the smallest gap between the two
+    /// most probable classes; chosen over margin-kcenter on a shared random validation slice].
     #[arg(long, value_enum)]
     pub strategy: Option<Strategy>,
     /// MC-dropout samples for --strategy bald [default: 10].
@@ -399,11 +399,15 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
     log(
         None,
         &format!(
-            "finetune on {}: run {}, encoder {}, {} labels ({} first by {}, then {} per round by {}), freeze {:?}, seed {}",
+            "finetune on {}: run {}, encoder {}, {} labels ({}{} first by {}, then {} per round by {}), freeze {:?}, seed {}",
             cfg.device,
             run.root.display(),
             cfg.encoder.display(),
             cfg.labels.budget,
+            match cfg.labels.validation_slice_size() {
+                0 => String::new(),
+                n => format!("a random validation slice of {n}, "),
+            },
             cfg.labels.initial,
             cfg.labels.cold_start.name(),
             cfg.labels.per_round,

@@ -36,7 +36,7 @@ pub enum ValidationSlice {
     Split,
     /// A seeded random sample of the pool, bought with the first batch and recorded in the
     /// ledger as `validation`: the same images for every strategy with the same seed, so
-    /// validation accuracies compare across strategies (and a refit can be checked).
+    /// validation accuracies compare across strategies.
     Random,
 }
 

@@ -137,7 +137,7 @@ impl Default for LabelPlan {
             initial: 200,
             per_round: 200,
             cold_start: ColdStart::Kmeans,
-            strategy: Strategy::MarginKcenter,
+            strategy: Strategy::Margin,
             candidate_factor: 10,
             mc_samples: 10,
             validation: ValidationSlice::Split,
