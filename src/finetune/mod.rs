@@ -279,7 +279,12 @@ impl BackendJob for FinetuneJob {
             if round == 0 {
                 // The random validation slice is drawn first, from the whole pool, so every
                 // strategy and cold start with this seed validates on the same images.
-                let slice = validation_slice(&pool.candidates(), &cfg, seed);
+                let slice = random_picks(
+                    &pool.candidates(),
+                    cfg.labels.validation_slice_size() as usize,
+                    seed,
+                    stream::VALIDATION_SLICE,
+                );
                 let in_slice: std::collections::HashSet<usize> =
                     slice.iter().map(|p| p.item).collect();
                 let candidates: Vec<usize> = pool
@@ -289,7 +294,7 @@ impl BackendJob for FinetuneJob {
                     .collect();
                 let k = sizes[0] as usize - slice.len();
                 let picks = match cfg.labels.cold_start {
-                    ColdStart::Random => random_picks(&candidates, k, seed),
+                    ColdStart::Random => random_picks(&candidates, k, seed, stream::ACQUIRE),
                     ColdStart::Kmeans => {
                         let f = match &inputs.features {
                             Some((f, _, _)) => project::<B::InnerBackend>(
@@ -794,33 +799,20 @@ fn log_purchase(
 }
 
 /// `k` random candidates.
-/// The random validation slice of `cfg` (empty unless `labels.validation = "random"`): a seeded
-/// sample of `candidates` that depends on the seed alone, and for a larger budget extends the
-/// smaller budget's slice.
-fn validation_slice(candidates: &[usize], cfg: &FinetuneConfig, seed: u64) -> Vec<Pick> {
-    let mut c = candidates.to_vec();
-    c.shuffle(&mut rng_for(seed, stream::VALIDATION_SLICE, 0));
-    c.truncate(cfg.labels.validation_slice_size() as usize);
-    c.into_iter()
-        .map(|item| Pick { item, score: None })
-        .collect()
-}
-
-/// Rows `rows` (ascending, distinct) of a row-major `[n * dim]` matrix.
+/// Rows `rows` of a row-major `[n * dim]` matrix, in that order.
 fn gather_rows(matrix: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
-    if rows.len() * dim == matrix.len() {
-        // Ascending and distinct, so every row in order (round 0 without a slice).
-        return matrix.to_vec();
-    }
     rows.iter()
         .flat_map(|&r| &matrix[r * dim..(r + 1) * dim])
         .copied()
         .collect()
 }
 
-fn random_picks(candidates: &[usize], k: usize, seed: u64) -> Vec<Pick> {
+/// `k` of `candidates` at random, drawn from the seeded `stream` (counter 0). With
+/// `stream::VALIDATION_SLICE` this is the random validation slice: it depends on the seed alone,
+/// and a larger slice extends a smaller one.
+fn random_picks(candidates: &[usize], k: usize, seed: u64, stream: u64) -> Vec<Pick> {
     let mut c = candidates.to_vec();
-    c.shuffle(&mut rng_for(seed, stream::ACQUIRE, 0));
+    c.shuffle(&mut rng_for(seed, stream, 0));
     c.truncate(k);
     c.into_iter()
         .map(|item| Pick { item, score: None })
