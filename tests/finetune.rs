@@ -121,12 +121,24 @@ fn spent(db: &Path) -> u64 {
 
 #[test]
 fn killed_at_random_moments_resumes_without_buying_twice() {
+    killed_and_resumed_buys_what_a_straight_run_buys(&[]);
+}
+
+/// The same with a random validation slice, bought in the first purchase beside the cold start.
+#[test]
+fn killed_with_a_random_validation_slice_resumes_without_buying_twice() {
+    killed_and_resumed_buys_what_a_straight_run_buys(&["--validation", "random"]);
+}
+
+/// A smoke finetune run (with `args`) killed at random moments and resumed each time buys the
+/// labels an uninterrupted one buys, never one twice, and ends with its test accuracy.
+fn killed_and_resumed_buys_what_a_straight_run_buys(args: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (data, enc) = setup(root);
 
     let t0 = Instant::now();
-    let out = run(&mut smoke_finetune(root, &data, &enc, "straight"));
+    let out = run(smoke_finetune(root, &data, &enc, "straight").args(args));
     assert!(out.status.success(), "{}", stderr(&out));
     let full_ms = t0.elapsed().as_millis() as u64;
     let straight = ledger(&root.join("straight/labels.db"));
@@ -150,6 +162,7 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
     let mut first = true;
     for attempt in 0..40 {
         let mut cmd = smoke_finetune(root, &data, &enc, "killed");
+        cmd.args(args);
         if !first {
             cmd.arg("--resume");
         }
