@@ -40,15 +40,6 @@ pub enum ValidationSlice {
     Random,
 }
 
-impl ValidationSlice {
-    pub fn name(self) -> &'static str {
-        match self {
-            ValidationSlice::Split => "split",
-            ValidationSlice::Random => "random",
-        }
-    }
-}
-
 /// The pool of `size` training images and the labels bought so far.
 #[derive(Debug, Clone)]
 pub struct Pool {

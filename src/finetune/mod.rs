@@ -601,7 +601,7 @@ impl Stage<'_> {
         device: &B::Device,
     ) -> Result<(SemiState<B>, Vec<f32>, SemiSummary)> {
         let cfg = self.cfg;
-        let (mut train_set, mut val_set) = self.cfg.labels.split(self.pool, cfg.train.seed);
+        let (mut train_set, mut val_set) = cfg.labels.split(self.pool, cfg.train.seed);
         if cfg.semi.train_on_validation {
             // Refit: every bought label trains; nothing is left to validate on.
             train_set.append(&mut val_set);
@@ -798,7 +798,6 @@ fn log_purchase(
     tb.flush()
 }
 
-/// `k` random candidates.
 /// Rows `rows` of a row-major `[n * dim]` matrix, in that order.
 fn gather_rows(matrix: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
     rows.iter()
