@@ -125,9 +125,11 @@ fn killed_at_random_moments_resumes_without_buying_twice() {
 }
 
 /// The same with a random validation slice, bought in the first purchase beside the cold start.
+/// 90 labels (a slice of 18, then 33, 48, 63, 78, 90 bought): as many purchases after the second
+/// as the test above has, so a kill just after that one still lands before the run ends.
 #[test]
 fn killed_with_a_random_validation_slice_resumes_without_buying_twice() {
-    killed_and_resumed_buys_what_a_straight_run_buys(&["--validation", "random"]);
+    killed_and_resumed_buys_what_a_straight_run_buys(&["--validation", "random", "--labels", "90"]);
 }
 
 /// A smoke finetune run (with `args`) killed at random moments and resumed each time buys the
@@ -226,7 +228,7 @@ fn killed_and_resumed_buys_what_a_straight_run_buys(args: &[&str]) {
                         items.sort();
                         items.dedup();
                         assert_eq!(items.len(), rows.len(), "an item was bought twice");
-                        assert!(rows.len() <= 60);
+                        assert!(rows.len() <= straight.len());
                     }
                 }
             }
@@ -237,7 +239,10 @@ fn killed_and_resumed_buys_what_a_straight_run_buys(args: &[&str]) {
         kills >= 2,
         "only {kills} kills happened: the schedule is too slow"
     );
-    assert!(summary(&root.join("killed"))["labels_bought"] == 60);
+    assert_eq!(
+        summary(&root.join("killed"))["labels_bought"],
+        summary(&root.join("straight"))["labels_bought"]
+    );
     assert_eq!(
         ledger(&db),
         straight,
