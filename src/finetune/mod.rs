@@ -807,8 +807,8 @@ fn gather_rows(matrix: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
 }
 
 /// `k` of `candidates` at random, drawn from the seeded `stream` (counter 0). With
-/// `stream::VALIDATION_SLICE` this is the random validation slice: it depends on the seed alone,
-/// and a larger slice extends a smaller one.
+/// `stream::VALIDATION_SLICE` this is the random validation slice: it depends on the seed and the
+/// pool alone, and a larger slice extends a smaller one.
 fn random_picks(candidates: &[usize], k: usize, seed: u64, stream: u64) -> Vec<Pick> {
     let mut c = candidates.to_vec();
     c.shuffle(&mut rng_for(seed, stream, 0));
