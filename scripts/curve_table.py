@@ -3,7 +3,8 @@
 curve.csv (one row per run and budget), curve.md (mean, spread over seeds) and, with --plot,
 curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds).
 With --semi: one run per budget (<out>/<strategy>-s<seed>-b<budget>/summary.json), each strategy
-shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage."""
+shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage.
+Runs with an audit slice (`--validation audit`) also get a table of their accuracy on it."""
 import argparse
 import csv
 import json
@@ -30,12 +31,14 @@ for strategy in a.strategies if a.semi else []:
         for b in a.budgets:
             summary = json.loads((out / f"{strategy}-s{seed}-b{b}" / "summary.json").read_text())
             semi = summary["semi"]
-            for name, acc, val in [
-                (strategy, semi["test_accuracy_before"], semi["validation_accuracy_before"]),
-                (f"{strategy} + fixmatch", summary["test_accuracy"], semi["validation_accuracy"]),
+            for name, acc, val, audit in [
+                (strategy, semi["test_accuracy_before"], semi["validation_accuracy_before"],
+                 semi.get("audit_accuracy_before")),
+                (f"{strategy} + fixmatch", summary["test_accuracy"], semi["validation_accuracy"],
+                 summary.get("audit_accuracy")),
             ]:
                 rows.append({"strategy": name, "seed": seed, "labels": b, "test_accuracy": acc,
-                             "validation_accuracy": val,
+                             "validation_accuracy": val, "audit_accuracy": audit,
                              "run_seconds": round(summary["seconds"], 1)})
 def last_round(run):
     """A run's summary and its metrics rows by labels bought."""
@@ -49,6 +52,7 @@ def round_row(strategy, seed, b, r, summary, plot_only=False):
     row = {"strategy": strategy, "seed": seed, "labels": b,
            "test_accuracy": float(r["test_accuracy"]),
            "validation_accuracy": float(r["validation_accuracy"]),
+           "audit_accuracy": float(r["audit_accuracy"]) if r.get("audit_accuracy") else None,
            "run_seconds": round(summary["seconds"], 1)}
     if plot_only:
         row["_plot_only"] = True
@@ -77,11 +81,13 @@ for strategy in [] if a.semi else a.strategies:
 table = [r for r in rows if not r.get("_plot_only")]
 with open(out / "curve.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["strategy", "seed", "labels", "test_accuracy",
-                                      "validation_accuracy", "run_seconds"])
+                                      "validation_accuracy", "audit_accuracy", "run_seconds"])
     w.writeheader()
     w.writerows(table)
 
 def cell(values):
+    if not values or None in values:
+        return "–"
     m = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100*m:.2f} ± {100*sd:.2f} ({100*min(values):.2f}–{100*max(values):.2f})"
@@ -107,7 +113,14 @@ lines.append("")
 lines.append("Validation accuracy in % on the bought validation labels (the kept weights'). Only "
              "with `--validation random` do all strategies of a seed validate on the same images; "
              "otherwise each validates on a share of its own purchases and the rows do not "
-             "compare.")
+             "compare. –: no validation labels were left (the stage's refit trains on them).")
+if any(r["audit_accuracy"] is not None for r in table):
+    lines.append("")
+    lines += accuracy_table("audit_accuracy")
+    lines.append("")
+    lines.append("Audit accuracy in % on the audit slice (`--validation audit`): bought labels that "
+                 "no training, early stopping or choice has seen, the same images for every run of "
+                 "a seed and budget.")
 (out / "curve.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 

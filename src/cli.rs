@@ -156,7 +156,10 @@ pub struct FinetuneArgs {
     /// Which bought labels validate (early stopping, kept weights): split (a share,
     /// --validation-fraction, of what the strategy buys) or random (that share of the budget is
     /// a seeded random slice of the pool, bought first and never trained on: the same images for
-    /// every strategy with the same seed, so validation accuracies compare) [default: split].
+    /// every strategy with the same seed, so validation accuracies compare) or audit (that share
+    /// of the budget is a random slice that nothing trains or validates on, only reported as
+    /// audit accuracy; the other labels are split as with split: it judges settings such as
+    /// --semi-refit on bought labels) [default: split].
     #[arg(long, value_enum)]
     pub validation: Option<ValidationSlice>,
     /// Share of the labels that validate (see --validation) [default: 0.2].
@@ -212,10 +215,11 @@ pub struct FinetuneArgs {
     /// loss when last seen (selection by loss) [default: 1, every image].
     #[arg(long, value_name = "F")]
     pub semi_select: Option<f64>,
-    /// Train the semi-supervised stage on the validation slice of the bought labels too (refit);
-    /// the stage then keeps its last weights.
-    #[arg(long)]
-    pub semi_refit: bool,
+    /// Train the semi-supervised stage on the validation slice of the bought labels too (refit):
+    /// every bought label trains, and the stage keeps its last weights. `--semi-refit false`
+    /// keeps the slice for validation [default: true; chosen on an audit slice of bought labels].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub semi_refit: Option<bool>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
@@ -404,9 +408,10 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
             run.root.display(),
             cfg.encoder.display(),
             cfg.labels.budget,
-            match cfg.labels.validation_slice_size() {
-                0 => String::new(),
-                n => format!("a random validation slice of {n}, "),
+            match (cfg.labels.validation_slice_size(), cfg.labels.validation) {
+                (0, _) => String::new(),
+                (n, ValidationSlice::Audit) => format!("an audit slice of {n}, "),
+                (n, _) => format!("a random validation slice of {n}, "),
             },
             cfg.labels.initial,
             cfg.labels.cold_start.name(),
@@ -504,8 +509,8 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     if let Some(v) = args.semi_select {
         cfg.semi.select_fraction = v;
     }
-    if args.semi_refit {
-        cfg.semi.train_on_validation = true;
+    if let Some(v) = args.semi_refit {
+        cfg.semi.train_on_validation = v;
     }
     if let Some(v) = args.time_budget {
         cfg.time_budget_minutes = Some(v);

@@ -190,4 +190,105 @@ fn time_budget_shortens_the_stage() {
         "{}",
         stderr(&out)
     );
+    // `--semi-refit false` turns off a refit the config file asks for.
+    let text = std::fs::read_to_string(&best)
+        .unwrap()
+        .replace("[semi]\n", "[semi]\ntrain_on_validation = true\n");
+    std::fs::write(&best, text).unwrap();
+    let out = run(&mut semi_finetune(root, &data, &enc, &best, "bad"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = run(semi_finetune(root, &data, &enc, &best, "kept").args([
+        "--semi-refit",
+        "false",
+        "--time-budget",
+        "0.001",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = summary(&root.join("kept"));
+    assert_eq!(s["semi"]["bought_labels_trained"], 48, "{}", s["semi"]);
+    assert!(s["semi"]["validation_accuracy"].is_f64(), "{}", s["semi"]);
+}
+
+#[test]
+fn an_audit_slice_judges_a_refit_without_being_trained_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc, pipeline) = setup(root);
+    // 75 labels, a fifth of them the audit slice: the strategy's rounds are the smoke run's 60.
+    let out = run(semi_finetune(root, &data, &enc, &pipeline, "audit").args([
+        "--labels",
+        "75",
+        "--validation",
+        "audit",
+        "--validation-fraction",
+        "0.2",
+        "--semi-refit",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("an audit slice of 15"), "{err}");
+    assert!(err.contains("60 bought training labels"), "{err}");
+    let run_dir = root.join("audit");
+    let bought = LabelDb::open(&run_dir.join("labels.db"))
+        .unwrap()
+        .bought()
+        .unwrap();
+    assert_eq!(bought.len(), 75);
+    let audit: Vec<u64> = bought
+        .iter()
+        .filter(|b| b.strategy == "audit")
+        .map(|b| b.item)
+        .collect();
+    assert_eq!(audit.len(), 15);
+    assert!(bought
+        .iter()
+        .filter(|b| b.strategy == "audit")
+        .all(|b| b.round == 0));
+    let mut items: Vec<u64> = bought.iter().map(|b| b.item).collect();
+    items.sort();
+    items.dedup();
+    assert_eq!(items.len(), 75, "an item was bought twice");
+
+    // Rounds: train + validation are the strategy's labels only, validation a fifth of them.
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let mut lines = metrics.lines();
+    assert!(
+        lines.next().unwrap().ends_with(",audit_accuracy"),
+        "{metrics}"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let spent: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+    assert_eq!(spent, ["30", "45", "60", "75"]);
+    for (r, strategy_labels) in rows.iter().zip([15, 30, 45, 60]) {
+        let train: usize = r[2].parse().unwrap();
+        let val: usize = r[3].parse().unwrap();
+        assert_eq!(train + val, strategy_labels, "{metrics}");
+        let a: f64 = r[11].parse().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{metrics}");
+        assert!(
+            ((a * 15.0).round() - a * 15.0).abs() < 1e-3,
+            "{a}: not k/15"
+        );
+    }
+
+    // The refit trains on the 60, never on the audit slice, which judges before and after.
+    let s = summary(&run_dir);
+    assert_eq!(s["audit_labels"], 15);
+    assert_eq!(
+        s["train_labels"].as_u64().unwrap() + s["validation_labels"].as_u64().unwrap(),
+        60
+    );
+    assert_eq!(s["semi"]["bought_labels_trained"], 60);
+    let after = s["audit_accuracy"].as_f64().unwrap();
+    assert_eq!(s["semi"]["audit_accuracy"].as_f64(), Some(after));
+    assert!(
+        ((after * 15.0).round() - after * 15.0).abs() < 1e-3,
+        "{after}"
+    );
+    let before = s["semi"]["audit_accuracy_before"].as_f64().unwrap();
+    assert_eq!(
+        format!("{before:.5}"),
+        rows[3][11],
+        "the last round's figure"
+    );
 }

@@ -4,5 +4,5 @@
 pub mod pool;
 pub mod strategies;
 
-pub use pool::{Pool, ValidationSlice, VALIDATION_STRATEGY};
+pub use pool::{Pool, ValidationSlice, AUDIT_STRATEGY, VALIDATION_STRATEGY};
 pub use strategies::{Pick, PoolView, Strategy};

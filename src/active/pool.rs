@@ -15,6 +15,9 @@ pub type Labeled = (usize, u8);
 /// ([`ValidationSlice::Random`]).
 pub const VALIDATION_STRATEGY: &str = "validation";
 
+/// The ledger's strategy name of the labels bought for an audit slice ([`ValidationSlice::Audit`]).
+pub const AUDIT_STRATEGY: &str = "audit";
+
 /// Which bought labels validate (early stopping, the choice of the kept weights).
 #[derive(
     Debug,
@@ -38,6 +41,21 @@ pub enum ValidationSlice {
     /// ledger as `validation`: the same images for every strategy with the same seed, so
     /// validation accuracies compare across strategies.
     Random,
+    /// A random slice bought as for `Random` (ledger: `audit`) that nothing trains or validates
+    /// on: validation is the `Split` of the other labels, and the slice's accuracy is reported
+    /// only. It judges, on bought labels, settings that use up the validation labels themselves
+    /// (a refit of the stage), and no early stopping has seen it.
+    Audit,
+}
+
+impl ValidationSlice {
+    /// The ledger's strategy name of the random slice bought in round 0.
+    pub fn slice_strategy(self) -> &'static str {
+        match self {
+            Self::Audit => AUDIT_STRATEGY,
+            Self::Split | Self::Random => VALIDATION_STRATEGY,
+        }
+    }
 }
 
 /// The pool of `size` training images and the labels bought so far.
@@ -126,7 +144,8 @@ impl Pool {
     /// Splits the bought labels into `(train, validation)` pairs `(item, label)`, both ascending.
     /// [`ValidationSlice::Split`]: see [`Pool::hash_split`]. [`ValidationSlice::Random`]: the
     /// labels the ledger records as bought for validation ([`VALIDATION_STRATEGY`]) validate, all
-    /// others train. Labels only, never the test set, drive model choices.
+    /// others train. [`ValidationSlice::Audit`]: the hash split of the labels not bought for the
+    /// audit ([`Pool::audit`]). Labels only, never the test set, drive model choices.
     pub fn split(
         &self,
         slice: ValidationSlice,
@@ -134,7 +153,12 @@ impl Pool {
         seed: u64,
     ) -> (Vec<Labeled>, Vec<Labeled>) {
         match slice {
-            ValidationSlice::Split => self.hash_split(fraction, seed),
+            ValidationSlice::Split => self.hash_split(self.bought.iter(), fraction, seed),
+            ValidationSlice::Audit => self.hash_split(
+                self.bought.iter().filter(|b| b.strategy != AUDIT_STRATEGY),
+                fraction,
+                seed,
+            ),
             ValidationSlice::Random => {
                 let (mut val, mut train): (Vec<Labeled>, Vec<Labeled>) = (Vec::new(), Vec::new());
                 for b in &self.bought {
@@ -152,12 +176,28 @@ impl Pool {
         }
     }
 
-    /// A seeded hash of each bought item ranks it, the lowest `fraction` go to validation (at
-    /// least one when there are two or more labels and `fraction > 0`).
-    fn hash_split(&self, fraction: f64, seed: u64) -> (Vec<Labeled>, Vec<Labeled>) {
-        let mut ranked: Vec<(u64, usize, u8)> = self
+    /// The labels bought for the audit ([`ValidationSlice::Audit`]) as pairs `(item, label)`,
+    /// ascending; empty for the other slices. Reported on, never trained or validated on.
+    pub fn audit(&self) -> Vec<Labeled> {
+        let mut audit: Vec<Labeled> = self
             .bought
             .iter()
+            .filter(|b| b.strategy == AUDIT_STRATEGY)
+            .map(|b| (b.item as usize, b.label))
+            .collect();
+        audit.sort_unstable();
+        audit
+    }
+
+    /// A seeded hash of each of `labels` ranks it, the lowest `fraction` go to validation (at
+    /// least one when there are two or more labels and `fraction > 0`).
+    fn hash_split<'a>(
+        &self,
+        labels: impl Iterator<Item = &'a BoughtLabel>,
+        fraction: f64,
+        seed: u64,
+    ) -> (Vec<Labeled>, Vec<Labeled>) {
+        let mut ranked: Vec<(u64, usize, u8)> = labels
             .map(|b| {
                 let key = rng_for(seed, stream::VALIDATION, b.item).random::<u64>();
                 (key, b.item as usize, b.label)
@@ -265,5 +305,26 @@ mod tests {
         assert_eq!(train, vec![(6, 6), (8, 8)]);
         // Neither the seed nor the fraction moves it.
         assert_eq!(pool.split(ValidationSlice::Random, 0.5, 9), (train, val));
+        assert!(pool.audit().is_empty());
+    }
+
+    #[test]
+    fn audit_slice_is_held_out_of_both_train_and_validation() {
+        let items: Vec<(u64, u32)> = (0..100).map(|i| (i * 2, (i / 50) as u32)).collect();
+        let mut ledger = bought(&items);
+        for b in ledger.iter_mut().take(20) {
+            b.strategy = AUDIT_STRATEGY.into();
+        }
+        let pool = Pool::from_ledger(200, ledger.clone()).unwrap();
+        let audit = pool.audit();
+        assert_eq!(audit.len(), 20);
+        assert_eq!(audit[0], (0, 0));
+        let (train, val) = pool.split(ValidationSlice::Audit, 0.25, 1);
+        assert_eq!((train.len(), val.len()), (60, 20));
+        assert!(train.iter().chain(&val).all(|x| !audit.contains(x)));
+        // The hold-out of the other labels is the split they would get without the audit.
+        let others = Pool::from_ledger(200, ledger[20..].to_vec());
+        let others = others.expect("the ledger without round 0's audit still starts at round 0");
+        assert_eq!(others.split(ValidationSlice::Split, 0.25, 1), (train, val));
     }
 }

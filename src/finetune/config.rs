@@ -120,11 +120,13 @@ pub struct LabelPlan {
     pub candidate_factor: usize,
     /// MC-dropout forward passes for BALD.
     pub mc_samples: usize,
-    /// Which labels validate: `split` (a share of those the strategy bought) or `random` (a
-    /// random slice of the pool bought with the first batch, the same for every strategy).
+    /// Which labels validate: `split` (a share of those the strategy bought), `random` (a
+    /// random slice of the pool bought with the first batch, the same for every strategy) or
+    /// `audit` (`split`, plus a random slice bought with the first batch that is reported on only).
     pub validation: ValidationSlice,
     /// Share of the bought labels held out for validation (early stopping, model choice); with
-    /// `validation = "random"`, the share of the budget spent on the random slice.
+    /// `validation = "random"` or `"audit"`, the share of the budget spent on the random slice
+    /// (with `"audit"` the same share of the other labels then validates).
     pub validation_fraction: f64,
     /// The label database [default: `<run>/labels.db`, created from the training label file].
     pub db: Option<PathBuf>,
@@ -148,18 +150,18 @@ impl Default for LabelPlan {
 }
 
 impl LabelPlan {
-    /// Labels of the random validation slice: `validation_fraction` of the budget (at least one)
-    /// with `validation = "random"`, else 0.
+    /// Labels of the random slice bought in round 0: `validation_fraction` of the budget (at
+    /// least one) with `validation = "random"` or `"audit"`, else 0.
     pub fn validation_slice_size(&self) -> u64 {
         match self.validation {
             ValidationSlice::Split => 0,
-            ValidationSlice::Random => {
+            ValidationSlice::Random | ValidationSlice::Audit => {
                 ((self.validation_fraction * self.budget as f64).round() as u64).max(1)
             }
         }
     }
 
-    /// Labels bought in each round: the random validation slice (if any) and `initial`, then
+    /// Labels bought in each round: the random slice (if any) and `initial`, then
     /// `per_round` until the budget is spent.
     pub fn round_sizes(&self) -> Vec<u64> {
         let slice = self.validation_slice_size().min(self.budget);
@@ -349,8 +351,10 @@ pub struct SemiConfig {
     #[serde(skip_serializing_if = "is_one")]
     pub select_fraction: f64,
     /// The validation slice of the bought labels trains too (refit): every bought label is used,
-    /// and no validation is left, so `keep` must be `last`.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    /// and no validation is left, so `keep` must be `last`. On by default (chosen on an audit
+    /// slice of bought labels, README); a `[semi]` table that leaves it out means off, as it did
+    /// before, so saved runs resume with the plan they were started with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub train_on_validation: bool,
     /// Which weights give the pseudo-labels: the trained ones, or their moving average.
     #[serde(skip_serializing_if = "SemiTeacher::is_model")]
@@ -388,7 +392,7 @@ impl Default for SemiConfig {
                 ..ViewAugmentConfig::default()
             },
             select_fraction: 1.0,
-            train_on_validation: false,
+            train_on_validation: true,
             teacher: SemiTeacher::Model,
         }
     }
@@ -474,7 +478,7 @@ impl FinetuneConfig {
         if l.initial + slice > l.budget {
             if slice > 0 {
                 bail!(
-                    "the label budget ({}) is smaller than the random validation slice ({slice}, \
+                    "the label budget ({}) is smaller than the random slice ({slice}, \
                      labels.validation_fraction {} of the budget) plus the first batch \
                      (--initial {}): lower --initial or raise --labels",
                     l.budget,
@@ -507,10 +511,15 @@ impl FinetuneConfig {
                 l.validation_fraction
             );
         }
-        if l.validation == ValidationSlice::Random && l.validation_fraction == 0.0 {
+        if l.validation != ValidationSlice::Split && l.validation_fraction == 0.0 {
             bail!(
-                "--validation random needs labels.validation_fraction > 0 (the share of the \
-                 budget the random slice gets)"
+                "--validation {} needs labels.validation_fraction > 0 (the share of the budget \
+                 the random slice gets)",
+                if l.validation == ValidationSlice::Random {
+                    "random"
+                } else {
+                    "audit"
+                }
             );
         }
         if l.strategy.needs_mc_samples() && l.mc_samples < 2 {
@@ -558,8 +567,9 @@ impl FinetuneConfig {
             }
             if s.train_on_validation && s.keep == SemiKeep::BestValidation {
                 bail!(
-                    "semi.train_on_validation leaves no validation labels to pick the best \
-                     weights: set semi.keep = \"last\""
+                    "semi.train_on_validation (refit, on by default) leaves no validation labels \
+                     to pick the best weights: set semi.keep = \"last\", or turn the refit off \
+                     (--semi-refit false)"
                 );
             }
             if s.unlabeled_batch() > 1 << 15 {
@@ -646,6 +656,34 @@ mod tests {
     }
 
     #[test]
+    fn an_audit_slice_leaves_the_schedule_of_the_smaller_budget() {
+        // 1,250 labels with a fifth for the audit: the strategy's rounds are those of a
+        // 1,000-label run, and the audit slice comes on top.
+        let plan = LabelPlan {
+            budget: 1250,
+            validation: ValidationSlice::Audit,
+            ..LabelPlan::default()
+        };
+        let plain = LabelPlan {
+            budget: 1000,
+            ..LabelPlan::default()
+        };
+        assert_eq!(plan.validation_slice_size(), 250);
+        let mut sizes = plan.round_sizes();
+        sizes[0] -= 250;
+        assert_eq!(sizes, plain.round_sizes());
+        let mut cfg = FinetuneConfig {
+            labels: plan,
+            ..FinetuneConfig::default()
+        };
+        assert_eq!(cfg.plan()["labels"]["validation"], "audit");
+        cfg.validate(None).unwrap();
+        cfg.labels.validation_fraction = 0.0;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("--validation audit needs"), "{err}");
+    }
+
+    #[test]
     fn the_validation_slice_is_part_of_the_plan_only_when_random() {
         let mut cfg = FinetuneConfig::default();
         assert!(!cfg.plan().to_string().contains("\"validation\""));
@@ -694,11 +732,31 @@ mod tests {
     fn settings_added_later_leave_older_plans_resumable_and_round_trip() {
         let mut cfg = FinetuneConfig::default();
         cfg.semi.method = SemiMethod::Fixmatch;
-        // At their defaults they are not saved, so a run saved before they existed keeps its plan.
+        // At the values they stand for when absent they are not saved, so a run saved before they
+        // existed keeps its plan.
+        cfg.semi.train_on_validation = false;
         let plan = cfg.plan().to_string();
         for key in ["teacher", "select_fraction", "train_on_validation"] {
             assert!(!plan.contains(key), "{key} in {plan}");
         }
+        let back: FinetuneConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(back, cfg, "refit off survives a save/load");
+        // The refit is on by default: saved, and read back on.
+        let refit = FinetuneConfig {
+            semi: SemiConfig {
+                method: SemiMethod::Fixmatch,
+                ..SemiConfig::default()
+            },
+            ..FinetuneConfig::default()
+        };
+        assert!(refit.semi.train_on_validation);
+        let text = refit.to_toml().unwrap();
+        assert!(text.contains("train_on_validation = true"), "{text}");
+        let back: FinetuneConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, refit);
+        // A [semi] table written before it existed (or that leaves it out) means off.
+        let old: FinetuneConfig = toml::from_str("[semi]\nmethod = \"fixmatch\"\n").unwrap();
+        assert!(!old.semi.train_on_validation);
         cfg.semi.teacher = SemiTeacher::Ema;
         let text = cfg.to_toml().unwrap();
         assert!(text.contains("teacher = \"ema\""), "{text}");
@@ -726,7 +784,7 @@ mod tests {
         cfg.labels.budget = 220;
         cfg.labels.validation = ValidationSlice::Random;
         let err = cfg.validate(None).unwrap_err().to_string();
-        assert!(err.contains("random validation slice (44"), "{err}");
+        assert!(err.contains("random slice (44"), "{err}");
         cfg.labels.budget = 250;
         cfg.validate(None).unwrap();
         cfg.labels.validation_fraction = 0.0;

@@ -25,8 +25,9 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::active::pool::Labeled;
 use crate::active::strategies::{self, Pick, PoolView};
-use crate::active::{Pool, VALIDATION_STRATEGY};
+use crate::active::{Pool, ValidationSlice};
 use crate::checkpoint::{module_to_bytes, record_from_bytes, Checkpoint, CheckpointHeader};
 use crate::data::batch::{fixed_subsample, rng_for, stream};
 use crate::data::{FashionMnist, Split, CLASS_NAMES, IMAGE_SIDE};
@@ -250,21 +251,26 @@ impl BackendJob for FinetuneJob {
         let mut tb = EventWriter::create(&run.root)?;
         // TensorBoard drops what an interrupted process logged at steps >= this one.
         tb.add_session_start(pool.spent())?;
+        let audited = cfg.labels.validation == ValidationSlice::Audit;
+        let mut header = vec![
+            "labels",
+            "round",
+            "train_labels",
+            "validation_labels",
+            "epochs",
+            "best_epoch",
+            "train_loss",
+            "validation_accuracy",
+            "validation_loss",
+            "test_accuracy",
+            "seconds",
+        ];
+        if audited {
+            header.push("audit_accuracy");
+        }
         let mut csv = MetricsCsv::open(
             &run.metrics(),
-            &[
-                "labels",
-                "round",
-                "train_labels",
-                "validation_labels",
-                "epochs",
-                "best_epoch",
-                "train_loss",
-                "validation_accuracy",
-                "validation_loss",
-                "test_accuracy",
-                "seconds",
-            ],
+            &header,
             (pool.spent() > 0).then(|| pool.spent() - 1),
         )?;
 
@@ -274,7 +280,7 @@ impl BackendJob for FinetuneJob {
             method,
             architecture: &architecture,
         };
-        let (model, training, test_probs) = loop {
+        let (model, training, test_probs, audit_before) = loop {
             let round = pool.rounds();
             if round == 0 {
                 // The random validation slice is drawn first, from the whole pool, so every
@@ -334,7 +340,7 @@ impl BackendJob for FinetuneJob {
                     &mut db,
                     &mut pool,
                     &[
-                        (&slice, VALIDATION_STRATEGY),
+                        (&slice, cfg.labels.validation.slice_strategy()),
                         (&picks, cfg.labels.cold_start.name()),
                     ],
                     0,
@@ -366,6 +372,7 @@ impl BackendJob for FinetuneJob {
             let inner = model.valid();
             let test_scores = score_test(&inner, &inputs, &cfg, &device)?;
             let cm = ConfusionMatrix::new(&test_scores.probs, &test_labels);
+            let audit = audit_accuracy(&inner, &inputs, &pool.audit(), &cfg, &device)?;
             let step = pool.spent();
             tb.add_scalar("labels/spent", step as f32, step)?;
             tb.add_scalar("labels/train", train_set.len() as f32, step)?;
@@ -378,6 +385,9 @@ impl BackendJob for FinetuneJob {
             tb.add_scalar("loss/validation", training.validation_loss as f32, step)?;
             tb.add_scalar("loss/train", training.train_loss as f32, step)?;
             tb.add_scalar("accuracy/test", cm.accuracy() as f32, step)?;
+            if let Some(a) = audit {
+                tb.add_scalar("accuracy/audit", a as f32, step)?;
+            }
             tb.add_scalar("train/epochs", training.epochs as f32, step)?;
             let classes_bought: Vec<f32> =
                 pool.labeled_classes().iter().map(|&c| c as f32).collect();
@@ -386,7 +396,7 @@ impl BackendJob for FinetuneJob {
                 tb.add_scalar(&format!("labels_per_class/{name}"), n as f32, step)?;
             }
             let secs = t_round.elapsed().as_secs_f64();
-            csv.row(&[
+            let mut row = vec![
                 step.to_string(),
                 round.to_string(),
                 train_set.len().to_string(),
@@ -398,25 +408,33 @@ impl BackendJob for FinetuneJob {
                 format!("{:.5}", training.validation_loss),
                 format!("{:.5}", cm.accuracy()),
                 format!("{secs:.1}"),
-            ])?;
+            ];
+            if audited {
+                row.push(format!("{:.5}", audit.unwrap_or(f64::NAN)));
+            }
+            csv.row(&row)?;
             tb.flush()?;
             csv.flush()?;
             log(
                 None,
                 &format!(
                     "round {round}: {step} labels ({} train / {} validation): validation accuracy \
-                     {:.2}% (epoch {} of {}), test accuracy {:.2}% (report only), {secs:.0} s",
+                     {:.2}% (epoch {} of {}), {}test accuracy {:.2}% (report only), {secs:.0} s",
                     train_set.len(),
                     val_set.len(),
                     100.0 * training.validation_accuracy,
                     training.best_epoch,
                     training.epochs,
+                    audit.map_or(String::new(), |a| format!(
+                        "audit accuracy {:.2}%, ",
+                        100.0 * a
+                    )),
                     100.0 * cm.accuracy()
                 ),
             );
 
             if round as usize >= sizes.len() {
-                break (model, training, test_scores.probs);
+                break (model, training, test_scores.probs, audit);
             }
 
             // Acquisition: score the pool, pick, buy.
@@ -479,6 +497,7 @@ impl BackendJob for FinetuneJob {
                 test_labels: &test_labels,
                 test_accuracy_before: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
                 validation_accuracy_before: training.validation_accuracy,
+                audit_accuracy_before: audit_before,
                 deadline_s: cfg
                     .time_budget_minutes
                     .map(|m| m * 60.0 - seconds_before - started.elapsed().as_secs_f64()),
@@ -495,6 +514,11 @@ impl BackendJob for FinetuneJob {
             (final_model, probs, &image_inputs)
         } else {
             (model.valid(), test_probs, &inputs)
+        };
+        let audit = pool.audit();
+        let audit_final = match &semi_summary {
+            Some(s) => s.audit_accuracy,
+            None => audit_before,
         };
 
         // The end: predictions, confusion matrix, projector, summary.
@@ -556,6 +580,8 @@ impl BackendJob for FinetuneJob {
             validation_accuracy: semi_summary
                 .as_ref()
                 .map_or(training.validation_accuracy, |s| s.validation_accuracy),
+            audit_labels: audit.len(),
+            audit_accuracy: audit_final,
             test_images: test_images.len(),
             test_accuracy: cm.accuracy(),
             per_class_accuracy: per_class_map(&cm.per_class()),
@@ -584,6 +610,8 @@ struct Stage<'a> {
     test_labels: &'a [u8],
     test_accuracy_before: f64,
     validation_accuracy_before: f64,
+    /// The last round's accuracy on the audit slice, when there is one (report only).
+    audit_accuracy_before: Option<f64>,
     /// Seconds this session may still spend, if there is a time budget.
     deadline_s: Option<f64>,
 }
@@ -616,9 +644,12 @@ impl Stage<'_> {
         } else {
             let mut tb = EventWriter::create(&self.run.root.join("semi"))?;
             tb.add_session_start(state.progress.step)?;
-            // The validation slice is no pool image: its labels judge the stage.
-            let val_items: std::collections::HashSet<usize> =
-                val_set.iter().map(|&(i, _)| i).collect();
+            // The validation and audit slices are no pool images: their labels judge the stage.
+            let val_items: std::collections::HashSet<usize> = val_set
+                .iter()
+                .chain(&self.pool.audit())
+                .map(|&(i, _)| i)
+                .collect();
             let unlabeled: Vec<usize> = (0..self.pool.size())
                 .filter(|i| !val_items.contains(i))
                 .collect();
@@ -636,6 +667,7 @@ impl Stage<'_> {
             )?
         };
         let scores = score_test(&state.best, self.inputs, cfg, device)?;
+        let audit = audit_accuracy(&state.best, self.inputs, &self.pool.audit(), cfg, device)?;
         let p = &state.progress;
         let kept = match cfg.semi.keep {
             SemiKeep::Last => p.last.clone(),
@@ -653,18 +685,27 @@ impl Stage<'_> {
                 100.0 * self.validation_accuracy_before,
             )
         };
+        let audit_text = match (audit, self.audit_accuracy_before) {
+            (Some(a), Some(b)) => format!(
+                "; audit accuracy {:.2}% against {:.2}% before",
+                100.0 * a,
+                100.0 * b
+            ),
+            _ => String::new(),
+        };
         log(
             None,
             &format!(
-                "semi-supervised stage: {validation}; test accuracy {:.2}% against {:.2}% \
-                 before (report only), {:.0} s",
+                "semi-supervised stage: {validation}{audit_text}; test accuracy {:.2}% against \
+                 {:.2}% before (report only), {:.0} s",
                 100.0 * after,
                 100.0 * self.test_accuracy_before,
                 p.seconds
             ),
         );
+        let held_out = val_set.len() + self.pool.audit().len();
         let passes_per_step =
-            cfg.semi.unlabeled_batch() as f64 / (self.pool.size() - val_set.len()).max(1) as f64;
+            cfg.semi.unlabeled_batch() as f64 / (self.pool.size() - held_out).max(1) as f64;
         let summary = SemiSummary {
             method: "fixmatch".into(),
             steps: p.step,
@@ -674,10 +715,31 @@ impl Stage<'_> {
             validation_accuracy,
             test_accuracy_before: self.test_accuracy_before,
             validation_accuracy_before: self.validation_accuracy_before,
+            audit_accuracy: audit,
+            audit_accuracy_before: self.audit_accuracy_before,
             seconds: p.seconds,
         };
         Ok((state, scores.probs, summary))
     }
+}
+
+/// The classifier's accuracy on the audit slice `audit` (`None` when it is empty): bought labels
+/// that nothing trains or validates on, for the report.
+fn audit_accuracy<B: Backend>(
+    model: &Classifier<B>,
+    inputs: &Inputs,
+    audit: &[Labeled],
+    cfg: &FinetuneConfig,
+    device: &B::Device,
+) -> Result<Option<f64>> {
+    if audit.is_empty() {
+        return Ok(None);
+    }
+    let (items, labels): (Vec<usize>, Vec<u8>) = audit.iter().copied().unzip();
+    let scores = score(model, inputs, Set::Pool, &items, cfg, false, 0, device)?;
+    Ok(Some(
+        ConfusionMatrix::new(&scores.probs, &labels).accuracy(),
+    ))
 }
 
 /// The classifier's probabilities on the whole test set: for the report, never for a decision.

@@ -119,6 +119,12 @@ pub struct FinetuneSummary {
     pub validation_labels: usize,
     #[serde(deserialize_with = "nan_from_null")]
     pub validation_accuracy: f64,
+    /// Labels of the audit slice (`labels.validation = "audit"`), and the final model's accuracy
+    /// on them: bought labels that no training or choice has seen.
+    #[serde(default)]
+    pub audit_labels: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_accuracy: Option<f64>,
     pub test_images: usize,
     pub test_accuracy: f64,
     pub per_class_accuracy: serde_json::Map<String, serde_json::Value>,
@@ -151,6 +157,11 @@ pub struct SemiSummary {
     pub test_accuracy_before: f64,
     #[serde(deserialize_with = "nan_from_null")]
     pub validation_accuracy_before: f64,
+    /// Accuracy on the audit slice after and before the stage, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_accuracy_before: Option<f64>,
     pub seconds: f64,
 }
 

@@ -721,15 +721,21 @@ pub fn train_semi<B: AutodiffBackend>(
             tb.add_scalar("semi/validation_accuracy", validation_accuracy as f32, at)?;
             tb.add_scalar("semi/validation_loss", validation_loss as f32, at)?;
             tb.flush()?;
+            let validation = match (val.is_empty(), better) {
+                (true, _) => "no validation labels (refit)".to_string(),
+                (false, b) => format!(
+                    "validation accuracy {:.2}%{}",
+                    100.0 * validation_accuracy,
+                    if b { " (best)" } else { "" }
+                ),
+            };
             log(
                 Some(&bar),
                 &format!(
                     "semi step {at}/{}: loss {labeled_loss:.3} (bought) + {unlabeled_loss:.3} \
-                     (pseudo), {:.0}% of pool images confident, validation accuracy {:.2}%{}",
+                     (pseudo), {:.0}% of pool images confident, {validation}",
                     state.progress.total_steps,
                     100.0 * mask_rate,
-                    100.0 * validation_accuracy,
-                    if better { " (best)" } else { "" }
                 ),
             );
             state.progress.last = Some(eval);
