@@ -283,8 +283,8 @@ impl BackendJob for FinetuneJob {
         let (model, training, test_probs, audit_before) = loop {
             let round = pool.rounds();
             if round == 0 {
-                // The random validation slice is drawn first, from the whole pool, so every
-                // strategy and cold start with this seed validates on the same images.
+                // The random validation (or audit) slice is drawn first, from the whole pool, so
+                // every strategy and cold start with this seed holds out the same images.
                 let slice = random_picks(
                     &pool.candidates(),
                     cfg.labels.validation_slice_size() as usize,
@@ -630,6 +630,7 @@ impl Stage<'_> {
     ) -> Result<(SemiState<B>, Vec<f32>, SemiSummary)> {
         let cfg = self.cfg;
         let (mut train_set, mut val_set) = cfg.labels.split(self.pool, cfg.train.seed);
+        let audit_set = self.pool.audit();
         if cfg.semi.train_on_validation {
             // Refit: every bought label trains; nothing is left to validate on.
             train_set.append(&mut val_set);
@@ -645,11 +646,8 @@ impl Stage<'_> {
             let mut tb = EventWriter::create(&self.run.root.join("semi"))?;
             tb.add_session_start(state.progress.step)?;
             // The validation and audit slices are no pool images: their labels judge the stage.
-            let val_items: std::collections::HashSet<usize> = val_set
-                .iter()
-                .chain(&self.pool.audit())
-                .map(|&(i, _)| i)
-                .collect();
+            let val_items: std::collections::HashSet<usize> =
+                val_set.iter().chain(&audit_set).map(|&(i, _)| i).collect();
             let unlabeled: Vec<usize> = (0..self.pool.size())
                 .filter(|i| !val_items.contains(i))
                 .collect();
@@ -667,7 +665,7 @@ impl Stage<'_> {
             )?
         };
         let scores = score_test(&state.best, self.inputs, cfg, device)?;
-        let audit = audit_accuracy(&state.best, self.inputs, &self.pool.audit(), cfg, device)?;
+        let audit = audit_accuracy(&state.best, self.inputs, &audit_set, cfg, device)?;
         let p = &state.progress;
         let kept = match cfg.semi.keep {
             SemiKeep::Last => p.last.clone(),
@@ -703,7 +701,7 @@ impl Stage<'_> {
                 p.seconds
             ),
         );
-        let held_out = val_set.len() + self.pool.audit().len();
+        let held_out = val_set.len() + audit_set.len();
         let passes_per_step =
             cfg.semi.unlabeled_batch() as f64 / (self.pool.size() - held_out).max(1) as f64;
         let summary = SemiSummary {
