@@ -13,13 +13,15 @@
 # the label-free k-means cold start; `typiclust` is not a strategy of `finetune` but the k-means
 # cold start buying the whole budget at once (--initial = budget), one run per budget
 # (typiclust-s<seed>-b<budget>).
-# --semi: the semi-supervised stage (`--semi fixmatch`) trains the final model after the last
+# --semi: the semi-supervised stage (`--semi fixmatch`, its defaults: trained on every bought label,
+# `-- --semi-refit false` keeps the validation slice) trains the final model after the last
 # purchase, so every budget is its own run (<strategy>-s<seed>-b<budget>); the table shows each
 # strategy before and after the stage.
 # With `-- --validation random` every run of a seed validates on the same random slice (20% of the
-# budget, bought first), so curve.md's validation table compares strategies; the slice grows with
-# the budget, so run each budget in its own --out (the rows of smaller budgets in a larger run's
-# metrics.csv have the larger slice). Not with typiclust (its cold start is the whole budget).
+# budget, bought first), so curve.md's validation table compares strategies; `audit` holds such a
+# slice out of everything (curve.md's audit table). The slice grows with the budget, so run each
+# budget in its own --out (the rows of smaller budgets in a larger run's metrics.csv have the larger
+# slice). Not with typiclust (its cold start is the whole budget).
 # Runs that exist are resumed (or skipped when finished).
 # Writes <out>/curve.csv, <out>/curve.md and <out>/curve.png (plot needs matplotlib: installed into
 # .venv on demand).
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --semi) semi=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
