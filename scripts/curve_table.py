@@ -3,7 +3,8 @@
 curve.csv (one row per run and budget), curve.md (mean, spread over seeds) and, with --plot,
 curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds).
 With --semi: one run per budget (<out>/<strategy>-s<seed>-b<budget>/summary.json), each strategy
-shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage.
+shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage, and
+with `--test-time-flip` the same model's flipped predictions ("<strategy> + fixmatch + flip").
 Runs with an audit slice (`--validation audit`) also get a table of their accuracy on it."""
 import argparse
 import csv
@@ -31,12 +32,21 @@ for strategy in a.strategies if a.semi else []:
         for b in a.budgets:
             summary = json.loads((out / f"{strategy}-s{seed}-b{b}" / "summary.json").read_text())
             semi = summary["semi"]
-            for name, acc, val, audit in [
+            stages = [
                 (strategy, semi["test_accuracy_before"], semi["validation_accuracy_before"],
                  semi.get("audit_accuracy_before")),
                 (f"{strategy} + fixmatch", summary["test_accuracy"], semi["validation_accuracy"],
                  summary.get("audit_accuracy")),
-            ]:
+            ]
+            flip = summary.get("test_time_flip")
+            if flip:  # the same model without and with the flip
+                stages[1] = (stages[1][0], flip["test_accuracy_without"], stages[1][2],
+                             flip.get("audit_accuracy_without"))
+                stages.append((f"{strategy} + fixmatch + flip", summary["test_accuracy"],
+                               semi["validation_accuracy"], summary.get("audit_accuracy")))
+                if f"{strategy} + fixmatch + flip" not in names:
+                    names.insert(names.index(f"{strategy} + fixmatch") + 1, stages[2][0])
+            for name, acc, val, audit in stages:
                 rows.append({"strategy": name, "seed": seed, "labels": b, "test_accuracy": acc,
                              "validation_accuracy": val, "audit_accuracy": audit,
                              "run_seconds": round(summary["seconds"], 1)})

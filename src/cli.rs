@@ -220,6 +220,11 @@ pub struct FinetuneArgs {
     /// keeps the slice for validation [default: true; chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub semi_refit: Option<bool>,
+    /// Test-time flip: the final predictions (test set, audit slice) average each image's and its
+    /// mirror image's class probabilities; needs --semi fixmatch or an encoder that trains. The
+    /// summary also reports the accuracies without it [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub test_time_flip: Option<bool>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
@@ -511,6 +516,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.semi_refit {
         cfg.semi.train_on_validation = v;
+    }
+    if let Some(v) = args.test_time_flip {
+        cfg.model.test_time_flip = v;
     }
     if let Some(v) = args.time_budget {
         cfg.time_budget_minutes = Some(v);

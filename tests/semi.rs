@@ -1,7 +1,8 @@
 //! The semi-supervised stage of `frugal finetune` (`--semi fixmatch`) end to end on real
 //! Fashion-MNIST slices: it trains the encoder, buys nothing, resumes exactly after a kill (with
 //! selection by loss, whose passes depend on the losses, and the moving-average teacher), the time
-//! budget shortens it, and a refit trains on every bought label.
+//! budget shortens it, and a refit trains on every bought label (judged, as is the test-time flip,
+//! on an audit slice).
 
 mod common;
 
@@ -223,10 +224,12 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         "--validation-fraction",
         "0.2",
         "--semi-refit",
+        "--test-time-flip",
     ]));
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("an audit slice of 15"), "{err}");
+    assert!(err.contains("test-time flip: audit accuracy"), "{err}");
     assert!(err.contains("60 bought training labels"), "{err}");
     let run_dir = root.join("audit");
     let bought = LabelDb::open(&run_dir.join("labels.db"))
@@ -279,12 +282,24 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         60
     );
     assert_eq!(s["semi"]["bought_labels_trained"], 60);
-    let after = s["audit_accuracy"].as_f64().unwrap();
-    assert_eq!(s["semi"]["audit_accuracy"].as_f64(), Some(after));
+    let after = s["semi"]["audit_accuracy"].as_f64().unwrap();
     assert!(
         ((after * 15.0).round() - after * 15.0).abs() < 1e-3,
         "{after}"
     );
+    // The test-time flip judges itself on the same slice: the final figures are the flipped
+    // predictions', the summary keeps the same model's figures without it.
+    let flip = &s["test_time_flip"];
+    assert_eq!(flip["audit_accuracy_without"].as_f64(), Some(after));
+    let flipped = s["audit_accuracy"].as_f64().unwrap();
+    assert!(
+        ((flipped * 15.0).round() - flipped * 15.0).abs() < 1e-3,
+        "{flipped}"
+    );
+    let test_without = flip["test_accuracy_without"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&test_without), "{s}");
+    assert!((0.0..=1.0).contains(&s["test_accuracy"].as_f64().unwrap()));
+    assert_eq!(s["config"]["model"]["test_time_flip"], true);
     let before = s["semi"]["audit_accuracy_before"].as_f64().unwrap();
     assert_eq!(
         format!("{before:.5}"),

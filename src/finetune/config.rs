@@ -203,6 +203,12 @@ pub struct HeadConfig {
     /// With a frozen encoder: scale each feature to zero mean and unit variance over the pool
     /// (label-free statistics).
     pub standardize: bool,
+    /// Test-time flip: the final classifier's predictions (test set, audit slice) average the
+    /// probabilities of each image and of its mirror image. Needs a classifier that reads images
+    /// (the semi-supervised stage, or `freeze` partial or none). Left out of saved configs while
+    /// off, so runs saved before it resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub test_time_flip: bool,
 }
 
 impl Default for HeadConfig {
@@ -212,6 +218,7 @@ impl Default for HeadConfig {
             hidden: 256,
             dropout: 0.3,
             standardize: true,
+            test_time_flip: false,
         }
     }
 }
@@ -608,6 +615,16 @@ impl FinetuneConfig {
                 );
             }
         }
+        if self.model.test_time_flip
+            && self.model.freeze == Freeze::Encoder
+            && s.method == SemiMethod::None
+        {
+            // A frozen encoder's classifier reads features computed once, not images to mirror.
+            bail!(
+                "--test-time-flip needs a classifier that reads images: add --semi fixmatch or \
+                 --freeze partial, or drop --test-time-flip"
+            );
+        }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");
         }
@@ -736,7 +753,12 @@ mod tests {
         // existed keeps its plan.
         cfg.semi.train_on_validation = false;
         let plan = cfg.plan().to_string();
-        for key in ["teacher", "select_fraction", "train_on_validation"] {
+        for key in [
+            "teacher",
+            "select_fraction",
+            "train_on_validation",
+            "test_time_flip",
+        ] {
             assert!(!plan.contains(key), "{key} in {plan}");
         }
         let back: FinetuneConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
@@ -804,5 +826,24 @@ mod tests {
         cfg.validate(None).unwrap();
         cfg.time_budget_minutes = Some(0.0);
         assert!(cfg.validate(None).is_err());
+    }
+
+    #[test]
+    fn the_test_time_flip_needs_a_classifier_that_reads_images() {
+        let mut cfg = FinetuneConfig::default();
+        cfg.model.test_time_flip = true;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("--test-time-flip needs"), "{err}");
+        cfg.model.freeze = Freeze::Partial;
+        cfg.validate(None).unwrap();
+        cfg.model.freeze = Freeze::Encoder;
+        cfg.semi.method = SemiMethod::Fixmatch;
+        cfg.validate(None).unwrap();
+        // On, it is part of the saved config and the plan.
+        let text = cfg.to_toml().unwrap();
+        assert!(text.contains("test_time_flip = true"), "{text}");
+        let back: FinetuneConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, cfg);
+        assert!(cfg.plan().to_string().contains("test_time_flip"));
     }
 }

@@ -40,7 +40,7 @@ use crate::run::{MetricsCsv, RunDir};
 use crate::tensorboard::{image_grid, EventWriter};
 use config::{ColdStart, FinetuneConfig, Freeze, SemiKeep, SemiMethod};
 use encoder::{encode_all, load_encoder};
-use report::{per_class_map, ConfusionMatrix, FinetuneSummary, SemiSummary};
+use report::{per_class_map, ConfusionMatrix, FinetuneSummary, FlipSummary, SemiSummary};
 use semi::{SemiBlobs, SemiProgress, SemiState};
 use train::{score, train_round, Inputs, RoundTraining, Set};
 
@@ -372,7 +372,7 @@ impl BackendJob for FinetuneJob {
             let inner = model.valid();
             let test_scores = score_test(&inner, &inputs, &cfg, &device)?;
             let cm = ConfusionMatrix::new(&test_scores.probs, &test_labels);
-            let audit = audit_accuracy(&inner, &inputs, &pool.audit(), &cfg, &device)?;
+            let audit = audit_accuracy(&inner, &inputs, &pool.audit(), &cfg, false, &device)?;
             let step = pool.spent();
             tb.add_scalar("labels/spent", step as f32, step)?;
             tb.add_scalar("labels/train", train_set.len() as f32, step)?;
@@ -520,6 +520,46 @@ impl BackendJob for FinetuneJob {
             Some(s) => s.audit_accuracy,
             None => audit_before,
         };
+        // Test-time flip: the final predictions average each image and its mirror; the figures
+        // without it stay in the summary, so one run judges the flip on its audit slice.
+        let (test_probs, audit_final, flip_summary) = if cfg.model.test_time_flip {
+            let items: Vec<usize> = (0..test_images.len()).collect();
+            let flipped = train::flip_averaged(
+                &final_model,
+                inputs,
+                Set::Test,
+                &items,
+                &test_probs,
+                &cfg,
+                &device,
+            )?;
+            let audit_flipped = audit_accuracy(&final_model, inputs, &audit, &cfg, true, &device)?;
+            let without = FlipSummary {
+                test_accuracy_without: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
+                audit_accuracy_without: audit_final,
+            };
+            let after = ConfusionMatrix::new(&flipped, &test_labels).accuracy();
+            let audit_text = match (audit_flipped, audit_final) {
+                (Some(a), Some(b)) => format!(
+                    "audit accuracy {:.2}% against {:.2}% without; ",
+                    100.0 * a,
+                    100.0 * b
+                ),
+                _ => String::new(),
+            };
+            log(
+                None,
+                &format!(
+                    "test-time flip: {audit_text}test accuracy {:.2}% against {:.2}% without \
+                     (report only)",
+                    100.0 * after,
+                    100.0 * without.test_accuracy_without
+                ),
+            );
+            (flipped, audit_flipped, Some(without))
+        } else {
+            (test_probs, audit_final, None)
+        };
 
         // The end: predictions, confusion matrix, projector, summary.
         let seconds = seconds_before + started.elapsed().as_secs_f64();
@@ -589,6 +629,7 @@ impl BackendJob for FinetuneJob {
             confusion_matrix: cm.matrix.clone(),
             seconds,
             semi: semi_summary,
+            test_time_flip: flip_summary,
             config: serde_json::to_value(&cfg)?,
         };
         crate::checkpoint::write_atomic(
@@ -665,7 +706,7 @@ impl Stage<'_> {
             )?
         };
         let scores = score_test(&state.best, self.inputs, cfg, device)?;
-        let audit = audit_accuracy(&state.best, self.inputs, &audit_set, cfg, device)?;
+        let audit = audit_accuracy(&state.best, self.inputs, &audit_set, cfg, false, device)?;
         let p = &state.progress;
         let kept = match cfg.semi.keep {
             SemiKeep::Last => p.last.clone(),
@@ -722,22 +763,25 @@ impl Stage<'_> {
 }
 
 /// The classifier's accuracy on the audit slice `audit` (`None` when it is empty): bought labels
-/// that nothing trains or validates on, for the report.
+/// that nothing trains or validates on, for the report. `flip`: of the test-time flip's
+/// predictions.
 fn audit_accuracy<B: Backend>(
     model: &Classifier<B>,
     inputs: &Inputs,
     audit: &[Labeled],
     cfg: &FinetuneConfig,
+    flip: bool,
     device: &B::Device,
 ) -> Result<Option<f64>> {
     if audit.is_empty() {
         return Ok(None);
     }
     let (items, labels): (Vec<usize>, Vec<u8>) = audit.iter().copied().unzip();
-    let scores = score(model, inputs, Set::Pool, &items, cfg, false, 0, device)?;
-    Ok(Some(
-        ConfusionMatrix::new(&scores.probs, &labels).accuracy(),
-    ))
+    let mut probs = score(model, inputs, Set::Pool, &items, cfg, false, 0, device)?.probs;
+    if flip {
+        probs = train::flip_averaged(model, inputs, Set::Pool, &items, &probs, cfg, device)?;
+    }
+    Ok(Some(ConfusionMatrix::new(&probs, &labels).accuracy()))
 }
 
 /// The classifier's probabilities on the whole test set: for the report, never for a decision.

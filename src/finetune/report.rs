@@ -135,8 +135,21 @@ pub struct FinetuneSummary {
     /// The semi-supervised stage, when it ran (`test_accuracy` is then its model's).
     #[serde(default)]
     pub semi: Option<SemiSummary>,
+    /// With `model.test_time_flip` (`test_accuracy` and `audit_accuracy` are then the flipped
+    /// predictions'): the same model's figures without the flip, so one run compares both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_time_flip: Option<FlipSummary>,
     /// The effective config.
     pub config: serde_json::Value,
+}
+
+/// The final classifier's accuracies without the test-time flip (report; the audit figure judges
+/// the flip on bought labels).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlipSummary {
+    pub test_accuracy_without: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_accuracy_without: Option<f64>,
 }
 
 /// How the semi-supervised stage went.

@@ -431,6 +431,43 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
+/// Test-time flip: `plain` (the classifier's probabilities of `items` of `set`, `n * classes`)
+/// averaged with its probabilities of the mirror images, `n * classes`. Fashion-MNIST's classes
+/// are left-right symmetric, so the mirror is another view of the same item. The classifier must
+/// read images (the config refuses the flip for a frozen encoder without the stage).
+pub fn flip_averaged<B: Backend>(
+    model: &Classifier<B>,
+    inputs: &Inputs,
+    set: Set,
+    items: &[usize],
+    plain: &[f32],
+    cfg: &FinetuneConfig,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let classes = crate::data::CLASS_NAMES.len();
+    if plain.len() != items.len() * classes {
+        bail!(
+            "internal: {} probabilities for {} items",
+            plain.len(),
+            items.len()
+        );
+    }
+    let mut out = Vec::with_capacity(plain.len());
+    for chunk in items.chunks(cfg.train.eval_batch_size) {
+        let rows: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();
+        let ClassifierInput::Images(x) = inputs.batch::<B>(set, &rows, device)? else {
+            bail!("test-time flip needs a classifier that reads images, not encoder features");
+        };
+        // Mirror along the width axis of `[n, 1, 28, 28]`.
+        let mirrored = model.forward(ClassifierInput::Images(x.flip([3])), None);
+        let start = out.len();
+        let plain = &plain[start..start + chunk.len() * classes];
+        let flipped = host_values(softmax(mirrored, 1))?;
+        out.extend(plain.iter().zip(&flipped).map(|(a, b)| 0.5 * (a + b)));
+    }
+    Ok(out)
+}
+
 /// The classifier's view of a set of images.
 #[derive(Debug, Default)]
 pub struct Scores {
@@ -503,4 +540,99 @@ pub fn score<B: Backend>(
     }
     debug_assert_eq!(out.probs.len(), items.len() * classes);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::EncoderConfig;
+    use burn::backend::Flex;
+
+    /// Three generated images: left-right symmetric, a bar on the left, a gradient.
+    fn images(mirror: bool) -> Vec<u8> {
+        let side = IMAGE_SIDE;
+        let mut px = vec![0u8; 3 * side * side];
+        for r in 0..side {
+            for c in 0..side {
+                let col = if mirror { side - 1 - c } else { c };
+                px[r * side + c] = if (8..20).contains(&c) { 200 } else { 10 };
+                px[side * side + r * side + c] = if col < 6 { 255 } else { 0 };
+                px[2 * side * side + r * side + c] = (col * 9 + r) as u8;
+            }
+        }
+        px
+    }
+
+    #[test]
+    fn the_flip_averages_each_image_with_its_mirror() {
+        let device = Default::default();
+        let encoder = EncoderConfig::default().init::<Flex>(&device);
+        let dim = EncoderConfig::default().feature_dim();
+        let model: Classifier<Flex> = Classifier::new(Some(encoder), dim, 16, 10, &device);
+        let cfg = FinetuneConfig::default();
+        let plain_set = FashionMnist::from_pixels(images(false)).unwrap();
+        let mirror_set = FashionMnist::from_pixels(images(true)).unwrap();
+        let items = [0, 1, 2];
+        let plain_inputs = Inputs::new(&plain_set, &plain_set, None, &cfg);
+        let mirror_inputs = Inputs::new(&mirror_set, &mirror_set, None, &cfg);
+        let plain = score(
+            &model,
+            &plain_inputs,
+            Set::Test,
+            &items,
+            &cfg,
+            false,
+            0,
+            &device,
+        )
+        .unwrap()
+        .probs;
+        let mirrored = score(
+            &model,
+            &mirror_inputs,
+            Set::Pool,
+            &items,
+            &cfg,
+            false,
+            0,
+            &device,
+        )
+        .unwrap()
+        .probs;
+        let averaged = flip_averaged(
+            &model,
+            &plain_inputs,
+            Set::Test,
+            &items,
+            &plain,
+            &cfg,
+            &device,
+        )
+        .unwrap();
+        assert_eq!(averaged.len(), 30);
+        for k in 0..30 {
+            let want = 0.5 * (plain[k] + mirrored[k]);
+            assert!((averaged[k] - want).abs() < 1e-5, "{k}: {averaged:?}");
+        }
+        // The symmetric image is its own mirror; the others are not.
+        for k in 0..10 {
+            assert!((averaged[k] - plain[k]).abs() < 1e-5);
+        }
+        let moved: f32 = (10..30).map(|k| (averaged[k] - plain[k]).abs()).sum();
+        assert!(moved > 1e-4, "the flip changed nothing: {averaged:?}");
+        let rows: f32 = averaged.iter().sum();
+        assert!((rows - 3.0).abs() < 1e-4);
+
+        // Encoder features cannot be mirrored: an error, not a wrong answer.
+        let features = Inputs::new(
+            &plain_set,
+            &plain_set,
+            Some((vec![0.0; 3 * 4], vec![0.0; 3 * 4], 4)),
+            &cfg,
+        );
+        let head: Classifier<Flex> = Classifier::new(None, 4, 8, 10, &device);
+        let err =
+            flip_averaged(&head, &features, Set::Test, &items, &plain, &cfg, &device).unwrap_err();
+        assert!(err.to_string().contains("test-time flip"), "{err}");
+    }
 }
