@@ -49,6 +49,15 @@ pub enum ValidationSlice {
 }
 
 impl ValidationSlice {
+    /// The name of `--validation` and of the config's `labels.validation`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Split => "split",
+            Self::Random => "random",
+            Self::Audit => "audit",
+        }
+    }
+
     /// The ledger's strategy name of the random slice bought in round 0.
     pub fn slice_strategy(self) -> &'static str {
         match self {
@@ -220,6 +229,17 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slice_names_are_the_config_names() {
+        for v in [
+            ValidationSlice::Split,
+            ValidationSlice::Random,
+            ValidationSlice::Audit,
+        ] {
+            assert_eq!(serde_json::to_value(v).unwrap(), v.name());
+        }
+    }
 
     fn bought(items: &[(u64, u32)]) -> Vec<BoughtLabel> {
         items

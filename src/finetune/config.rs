@@ -522,11 +522,7 @@ impl FinetuneConfig {
             bail!(
                 "--validation {} needs labels.validation_fraction > 0 (the share of the budget \
                  the random slice gets)",
-                if l.validation == ValidationSlice::Random {
-                    "random"
-                } else {
-                    "audit"
-                }
+                l.validation.name()
             );
         }
         if l.strategy.needs_mc_samples() && l.mc_samples < 2 {
@@ -811,7 +807,10 @@ mod tests {
         cfg.validate(None).unwrap();
         cfg.labels.validation_fraction = 0.0;
         let err = cfg.validate(None).unwrap_err().to_string();
-        assert!(err.contains("validation_fraction > 0"), "{err}");
+        assert!(err.contains("--validation random needs"), "{err}");
+        cfg.labels.validation = ValidationSlice::Audit;
+        let err = cfg.validate(None).unwrap_err().to_string();
+        assert!(err.contains("--validation audit needs"), "{err}");
     }
 
     #[test]
