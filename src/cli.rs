@@ -220,9 +220,10 @@ pub struct FinetuneArgs {
     /// keeps the slice for validation [default: true; chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub semi_refit: Option<bool>,
-    /// Test-time flip: the final predictions (test set, audit slice) average each image's and its
-    /// mirror image's class probabilities; needs --semi fixmatch or an encoder that trains. The
-    /// summary also reports the accuracies without it [default: false].
+    /// Test-time flip: the semi-supervised stage's final model predicts (test set, audit slice)
+    /// the mean of each image's and its mirror image's class probabilities; the summary also
+    /// reports the accuracies without it. `--test-time-flip false` turns it off [default: true
+    /// with --semi fixmatch; chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub test_time_flip: Option<bool>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
@@ -380,6 +381,13 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
         (None, None) => FinetuneConfig::default(),
     };
     apply_finetune_flags(&mut cfg, &args);
+    if args.test_time_flip == Some(true) && cfg.semi.method == SemiMethod::None {
+        // Only the stage's model reads images to mirror; the rounds' heads read encoder features.
+        bail!(
+            "--test-time-flip flips the images of the semi-supervised stage's final model, and \
+             the stage is off: add --semi fixmatch, or drop --test-time-flip"
+        );
+    }
     cfg.validate(None)?;
     crate::device::ensure_available(cfg.device)?;
     if let Some(saved) = &saved {
@@ -518,7 +526,7 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
         cfg.semi.train_on_validation = v;
     }
     if let Some(v) = args.test_time_flip {
-        cfg.model.test_time_flip = v;
+        cfg.semi.test_time_flip = v;
     }
     if let Some(v) = args.time_budget {
         cfg.time_budget_minutes = Some(v);

@@ -338,6 +338,12 @@ fn finetune_bad_input() {
         ft("b").args(["--labels", "700"]),
         &["budget (700)", "larger than the pool (600"],
     );
+    // The flip is the stage's; without the stage it would silently do nothing.
+    fails_with(
+        ft("flip").args(["--test-time-flip"]),
+        &["--test-time-flip", "the stage is off", "--semi fixmatch"],
+    );
+    assert!(!root.join("flip").join("labels.db").exists());
     fails_with(
         &mut smoke_finetune(root, &data, &root.join("nope"), "c"),
         &["nope", "does not exist", "ssl-pretrain"],

@@ -299,7 +299,7 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
     let test_without = flip["test_accuracy_without"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&test_without), "{s}");
     assert!((0.0..=1.0).contains(&s["test_accuracy"].as_f64().unwrap()));
-    assert_eq!(s["config"]["model"]["test_time_flip"], true);
+    assert_eq!(s["config"]["semi"]["test_time_flip"], true);
     let before = s["semi"]["audit_accuracy_before"].as_f64().unwrap();
     assert_eq!(
         format!("{before:.5}"),

@@ -203,12 +203,6 @@ pub struct HeadConfig {
     /// With a frozen encoder: scale each feature to zero mean and unit variance over the pool
     /// (label-free statistics).
     pub standardize: bool,
-    /// Test-time flip: the final classifier's predictions (test set, audit slice) average the
-    /// probabilities of each image and of its mirror image. Needs a classifier that reads images
-    /// (the semi-supervised stage, or `freeze` partial or none). Left out of saved configs while
-    /// off, so runs saved before it resume.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub test_time_flip: bool,
 }
 
 impl Default for HeadConfig {
@@ -218,7 +212,6 @@ impl Default for HeadConfig {
             hidden: 256,
             dropout: 0.3,
             standardize: true,
-            test_time_flip: false,
         }
     }
 }
@@ -366,6 +359,12 @@ pub struct SemiConfig {
     /// Which weights give the pseudo-labels: the trained ones, or their moving average.
     #[serde(skip_serializing_if = "SemiTeacher::is_model")]
     pub teacher: SemiTeacher,
+    /// Test-time flip: the stage's final model predicts (test set, audit slice) the mean of each
+    /// image's and its mirror image's class probabilities. On by default (chosen on an audit
+    /// slice, README); as for `train_on_validation`, a `[semi]` table that leaves it out means
+    /// off, so saved runs resume with the plan they were started with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub test_time_flip: bool,
 }
 
 /// Fields added after runs were saved are left out of the saved config (and of the plan a resume
@@ -400,6 +399,7 @@ impl Default for SemiConfig {
             },
             select_fraction: 1.0,
             train_on_validation: true,
+            test_time_flip: true,
             teacher: SemiTeacher::Model,
         }
     }
@@ -611,16 +611,6 @@ impl FinetuneConfig {
                 );
             }
         }
-        if self.model.test_time_flip
-            && self.model.freeze == Freeze::Encoder
-            && s.method == SemiMethod::None
-        {
-            // A frozen encoder's classifier reads features computed once, not images to mirror.
-            bail!(
-                "--test-time-flip needs a classifier that reads images: add --semi fixmatch or \
-                 --freeze partial, or drop --test-time-flip"
-            );
-        }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");
         }
@@ -748,6 +738,7 @@ mod tests {
         // At the values they stand for when absent they are not saved, so a run saved before they
         // existed keeps its plan.
         cfg.semi.train_on_validation = false;
+        cfg.semi.test_time_flip = false;
         let plan = cfg.plan().to_string();
         for key in [
             "teacher",
@@ -768,13 +759,17 @@ mod tests {
             ..FinetuneConfig::default()
         };
         assert!(refit.semi.train_on_validation);
+        assert!(refit.semi.test_time_flip);
         let text = refit.to_toml().unwrap();
         assert!(text.contains("train_on_validation = true"), "{text}");
+        assert!(text.contains("test_time_flip = true"), "{text}");
+        assert!(refit.plan().to_string().contains("test_time_flip"));
         let back: FinetuneConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, refit);
         // A [semi] table written before it existed (or that leaves it out) means off.
         let old: FinetuneConfig = toml::from_str("[semi]\nmethod = \"fixmatch\"\n").unwrap();
         assert!(!old.semi.train_on_validation);
+        assert!(!old.semi.test_time_flip);
         cfg.semi.teacher = SemiTeacher::Ema;
         let text = cfg.to_toml().unwrap();
         assert!(text.contains("teacher = \"ema\""), "{text}");
@@ -825,24 +820,5 @@ mod tests {
         cfg.validate(None).unwrap();
         cfg.time_budget_minutes = Some(0.0);
         assert!(cfg.validate(None).is_err());
-    }
-
-    #[test]
-    fn the_test_time_flip_needs_a_classifier_that_reads_images() {
-        let mut cfg = FinetuneConfig::default();
-        cfg.model.test_time_flip = true;
-        let err = cfg.validate(None).unwrap_err().to_string();
-        assert!(err.contains("--test-time-flip needs"), "{err}");
-        cfg.model.freeze = Freeze::Partial;
-        cfg.validate(None).unwrap();
-        cfg.model.freeze = Freeze::Encoder;
-        cfg.semi.method = SemiMethod::Fixmatch;
-        cfg.validate(None).unwrap();
-        // On, it is part of the saved config and the plan.
-        let text = cfg.to_toml().unwrap();
-        assert!(text.contains("test_time_flip = true"), "{text}");
-        let back: FinetuneConfig = toml::from_str(&text).unwrap();
-        assert_eq!(back, cfg);
-        assert!(cfg.plan().to_string().contains("test_time_flip"));
     }
 }

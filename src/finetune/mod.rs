@@ -522,7 +522,9 @@ impl BackendJob for FinetuneJob {
         };
         // Test-time flip: the final predictions average each image and its mirror; the figures
         // without it stay in the summary, so one run judges the flip on its audit slice.
-        let (test_probs, audit_final, flip_summary) = if cfg.model.test_time_flip {
+        let (test_probs, audit_final, flip_summary) = if cfg.semi.method == SemiMethod::Fixmatch
+            && cfg.semi.test_time_flip
+        {
             let items: Vec<usize> = (0..test_images.len()).collect();
             let flipped = train::flip_averaged(
                 &final_model,

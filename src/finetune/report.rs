@@ -135,7 +135,7 @@ pub struct FinetuneSummary {
     /// The semi-supervised stage, when it ran (`test_accuracy` is then its model's).
     #[serde(default)]
     pub semi: Option<SemiSummary>,
-    /// With `model.test_time_flip` (`test_accuracy` and `audit_accuracy` are then the flipped
+    /// With `semi.test_time_flip` (`test_accuracy` and `audit_accuracy` are then the flipped
     /// predictions'): the same model's figures without the flip, so one run compares both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_time_flip: Option<FlipSummary>,

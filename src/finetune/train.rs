@@ -434,7 +434,7 @@ pub fn argmax(row: &[f32]) -> usize {
 /// Test-time flip: `plain` (the classifier's probabilities of `items` of `set`, `n * classes`)
 /// averaged with its probabilities of the mirror images, `n * classes`. Fashion-MNIST's classes
 /// are left-right symmetric, so the mirror is another view of the same item. The classifier must
-/// read images (the config refuses the flip for a frozen encoder without the stage).
+/// read images: the semi-supervised stage's model does.
 pub fn flip_averaged<B: Backend>(
     model: &Classifier<B>,
     inputs: &Inputs,
