@@ -432,8 +432,8 @@ pub fn argmax(row: &[f32]) -> usize {
 }
 
 /// Test-time flip: `plain` (the classifier's probabilities of `items` of `set`, `n * classes`)
-/// averaged with its probabilities of the mirror images, `n * classes`. Fashion-MNIST's classes
-/// are left-right symmetric, so the mirror is another view of the same item. The classifier must
+/// averaged with its probabilities of the mirror images, `n * classes`. A Fashion-MNIST item
+/// looks alike mirrored (the stage trains on mirrored views), so the mirror is a second look. The classifier must
 /// read images: the semi-supervised stage's model does.
 pub fn flip_averaged<B: Backend>(
     model: &Classifier<B>,
