@@ -14,9 +14,9 @@
 # cold start buying the whole budget at once (--initial = budget), one run per budget
 # (typiclust-s<seed>-b<budget>).
 # --semi: the semi-supervised stage (`--semi fixmatch`, its defaults: trained on every bought label,
-# `-- --semi-refit false` keeps the validation slice) trains the final model after the last
-# purchase, so every budget is its own run (<strategy>-s<seed>-b<budget>); the table shows each
-# strategy before and after the stage.
+# `-- --semi-refit false` keeps the validation slice; test-time flip, off with `--test-time-flip
+# false`) trains the final model after the last purchase, so every budget is its own run
+# (<strategy>-s<seed>-b<budget>); the table shows each strategy before and after the stage (and flip).
 # With `-- --validation random` every run of a seed validates on the same random slice (20% of the
 # budget, bought first), so curve.md's validation table compares strategies; `audit` holds such a
 # slice out of everything (curve.md's audit table). The slice grows with the budget, so run each
