@@ -541,14 +541,7 @@ impl BackendJob for FinetuneJob {
                 audit_accuracy_without: audit_final,
             };
             let after = ConfusionMatrix::new(&flipped, &test_labels).accuracy();
-            let audit_text = match (audit_flipped, audit_final) {
-                (Some(a), Some(b)) => format!(
-                    "audit accuracy {:.2}% against {:.2}% without; ",
-                    100.0 * a,
-                    100.0 * b
-                ),
-                _ => String::new(),
-            };
+            let audit_text = against("audit accuracy", audit_flipped, audit_final, "without; ");
             log(
                 None,
                 &format!(
@@ -726,14 +719,12 @@ impl Stage<'_> {
                 100.0 * self.validation_accuracy_before,
             )
         };
-        let audit_text = match (audit, self.audit_accuracy_before) {
-            (Some(a), Some(b)) => format!(
-                "; audit accuracy {:.2}% against {:.2}% before",
-                100.0 * a,
-                100.0 * b
-            ),
-            _ => String::new(),
-        };
+        let audit_text = against(
+            "; audit accuracy",
+            audit,
+            self.audit_accuracy_before,
+            "before",
+        );
         log(
             None,
             &format!(
@@ -761,6 +752,15 @@ impl Stage<'_> {
             seconds: p.seconds,
         };
         Ok((state, scores.probs, summary))
+    }
+}
+
+/// `"{what} A% against B% {then}"` for a log line, or nothing when either figure is missing (no
+/// audit slice).
+fn against(what: &str, a: Option<f64>, b: Option<f64>, then: &str) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{what} {:.2}% against {:.2}% {then}", 100.0 * a, 100.0 * b),
+        _ => String::new(),
     }
 }
 
