@@ -226,6 +226,11 @@ pub struct FinetuneArgs {
     /// with --semi fixmatch; chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub test_time_flip: Option<bool>,
+    /// Mirrored pseudo-labels: the semi-supervised stage labels each pool image by the mean of
+    /// its weak view's and that view's mirror image's class probabilities (one more forward pass
+    /// per step) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub pseudo_label_flip: Option<bool>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
@@ -381,12 +386,14 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
         (None, None) => FinetuneConfig::default(),
     };
     apply_finetune_flags(&mut cfg, &args);
-    if args.test_time_flip == Some(true) && cfg.semi.method == SemiMethod::None {
-        // Only the stage's model reads images to mirror; the rounds' heads read encoder features.
-        bail!(
-            "--test-time-flip flips the images of the semi-supervised stage's final model, and \
-             the stage is off: add --semi fixmatch, or drop --test-time-flip"
-        );
+    if cfg.semi.method == SemiMethod::None {
+        if let Some(flag) = stage_flags(&args).first() {
+            // Without the stage such a flag would silently do nothing.
+            bail!(
+                "{flag} sets the semi-supervised stage, and the stage is off: add --semi \
+                 fixmatch, or drop {flag}"
+            );
+        }
     }
     cfg.validate(None)?;
     crate::device::ensure_available(cfg.device)?;
@@ -451,6 +458,22 @@ fn finetune_cmd(args: FinetuneArgs) -> Result<()> {
         ),
     );
     Ok(())
+}
+
+/// The flags given that set the semi-supervised stage (a boolean only when turned on).
+fn stage_flags(args: &FinetuneArgs) -> Vec<&'static str> {
+    [
+        ("--semi-epochs", args.semi_epochs.is_some()),
+        ("--semi-lr", args.semi_lr.is_some()),
+        ("--semi-teacher", args.semi_teacher.is_some()),
+        ("--semi-select", args.semi_select.is_some()),
+        ("--semi-refit", args.semi_refit == Some(true)),
+        ("--test-time-flip", args.test_time_flip == Some(true)),
+        ("--pseudo-label-flip", args.pseudo_label_flip == Some(true)),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
 }
 
 fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
@@ -527,6 +550,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.test_time_flip {
         cfg.semi.test_time_flip = v;
+    }
+    if let Some(v) = args.pseudo_label_flip {
+        cfg.semi.pseudo_label_flip = v;
     }
     if let Some(v) = args.time_budget {
         cfg.time_budget_minutes = Some(v);

@@ -338,19 +338,31 @@ fn finetune_bad_input() {
         ft("b").args(["--labels", "700"]),
         &["budget (700)", "larger than the pool (600"],
     );
-    // The flip is the stage's; without the stage it would silently do nothing.
+    // The stage's flags without the stage would silently do nothing: refused, nothing bought.
     fails_with(
         ft("flip").args(["--test-time-flip"]),
         &["--test-time-flip", "the stage is off", "--semi fixmatch"],
     );
     assert!(!root.join("flip").join("labels.db").exists());
+    for flag in ["--semi-refit", "--pseudo-label-flip"] {
+        fails_with(
+            ft("stage-flag").arg(flag),
+            &[flag, "the stage is off", "--semi fixmatch"],
+        );
+    }
+    fails_with(
+        ft("stage-flag").args(["--semi-epochs", "3"]),
+        &["--semi-epochs", "the stage is off"],
+    );
+    assert!(!root.join("stage-flag").join("labels.db").exists());
     fails_with(
         &mut smoke_finetune(root, &data, &root.join("nope"), "c"),
         &["nope", "does not exist", "ssl-pretrain"],
     );
 
-    // A finished finetune run is not an encoder.
-    let out = run(&mut ft("done"));
+    // A finished finetune run is not an encoder. (Turning a stage setting off says nothing about
+    // the stage, so it is not refused.)
+    let out = run(ft("done").args(["--test-time-flip", "false", "--semi-refit", "false"]));
     assert!(out.status.success(), "{}", stderr(&out));
     fails_with(
         &mut smoke_finetune(root, &data, &root.join("done"), "d"),

@@ -39,10 +39,17 @@ fn semi_finetune(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &s
 }
 
 /// The stage with selection by loss (passes after the first train on half the pool) and the
-/// moving average as the teacher: the settings whose state a resume must restore.
+/// moving average as the teacher, labelling through mirrored views: the settings whose state a
+/// resume must restore, and every path of the pseudo-labels.
 fn selective(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) -> Command {
     let mut c = semi_finetune(root, data, enc, pipeline, name);
-    c.args(["--semi-select", "0.5", "--semi-teacher", "ema"]);
+    c.args([
+        "--semi-select",
+        "0.5",
+        "--semi-teacher",
+        "ema",
+        "--pseudo-label-flip",
+    ]);
     c
 }
 
@@ -68,6 +75,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
     );
     let s = summary(&root.join("straight"));
     assert_eq!(s["config"]["semi"]["teacher"], "ema");
+    assert_eq!(s["config"]["semi"]["pseudo_label_flip"], true);
     let semi = &s["semi"];
     // 600 pool images less 12 validation ones, 32 per step: 19 steps a pass; 4 passes, the last
     // three over half the pool: 2.5 full passes.

@@ -365,6 +365,12 @@ pub struct SemiConfig {
     /// off, so saved runs resume with the plan they were started with.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub test_time_flip: bool,
+    /// Mirrored pseudo-labels: the stage labels each pool image by the mean of its weak view's
+    /// and that view's mirror image's class probabilities (one more forward pass of the pool
+    /// batch per step, without gradients), the test-time flip's second look used in training.
+    /// Off by default; left out of saved configs and plans while off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pseudo_label_flip: bool,
 }
 
 /// Fields added after runs were saved are left out of the saved config (and of the plan a resume
@@ -400,6 +406,7 @@ impl Default for SemiConfig {
             select_fraction: 1.0,
             train_on_validation: true,
             test_time_flip: true,
+            pseudo_label_flip: false,
             teacher: SemiTeacher::Model,
         }
     }
@@ -745,6 +752,7 @@ mod tests {
             "select_fraction",
             "train_on_validation",
             "test_time_flip",
+            "pseudo_label_flip",
         ] {
             assert!(!plan.contains(key), "{key} in {plan}");
         }

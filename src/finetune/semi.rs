@@ -548,12 +548,12 @@ pub fn train_semi<B: AutodiffBackend>(
         }));
 
         // Pseudo-labels from the weak views, without gradients or dropout.
-        let weak = ClassifierInput::Images(images::<B::InnerBackend>(weak_pool, nu, device));
-        let weak_logits = match s.teacher {
-            SemiTeacher::Model => state.model.valid().forward(weak, None),
-            SemiTeacher::Ema => state.ema.forward(weak, None),
-        };
-        let weak_probs = host_values(softmax(weak_logits, 1))?;
+        let weak = images::<B::InnerBackend>(weak_pool, nu, device);
+        let flip = s.pseudo_label_flip;
+        let weak_probs = host_values(match s.teacher {
+            SemiTeacher::Model => teacher_probs(&state.model.valid(), weak, flip),
+            SemiTeacher::Ema => teacher_probs(&state.ema, weak, flip),
+        })?;
         let mut targets: Vec<i64> = picks.iter().map(|&j| labeled[j].1 as i64).collect();
         let mut weights: Vec<f32> = vec![1.0 / nl as f32; nl];
         let thresholds =
@@ -758,10 +758,64 @@ pub fn train_semi<B: AutodiffBackend>(
     Ok(state)
 }
 
+/// The teacher's class probabilities `[n, classes]` of the weak views `[n, 1, 28, 28]`; with
+/// `mirror` (`semi.pseudo_label_flip`), the mean of each view's and its mirror image's, from one
+/// forward pass over `[2n, 1, 28, 28]`.
+fn teacher_probs<B: Backend>(
+    teacher: &Classifier<B>,
+    weak: Tensor<B, 4>,
+    mirror: bool,
+) -> Tensor<B, 2> {
+    if !mirror {
+        return softmax(teacher.forward(ClassifierInput::Images(weak), None), 1);
+    }
+    let n = weak.dims()[0];
+    let both = Tensor::cat(vec![weak.clone(), weak.flip([3])], 0);
+    let probs = softmax(teacher.forward(ClassifierInput::Images(both), None), 1);
+    (probs.clone().narrow(0, 0, n) + probs.narrow(0, n, n)) * 0.5
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn mirrored_pseudo_labels_average_each_view_with_its_mirror() {
+        let device = Default::default();
+        let config = crate::models::EncoderConfig::default();
+        let encoder = config.init::<Flex>(&device);
+        let teacher: Classifier<Flex> =
+            Classifier::new(Some(encoder), config.feature_dim(), 16, 10, &device);
+        // Image 0 is left-right symmetric; image 1 is not.
+        let side = 28;
+        let mut px = vec![0.0f32; 2 * side * side];
+        for r in 0..side {
+            for c in 0..side {
+                let mirrored_c = c.min(side - 1 - c);
+                px[r * side + c] = (mirrored_c * 3 + r) as f32 / 100.0;
+                px[side * side + r * side + c] = if c < 7 { 1.0 } else { (r as f32) / 50.0 };
+            }
+        }
+        let weak = Tensor::<Flex, 4>::from_data(TensorData::new(px, [2, 1, side, side]), &device);
+        let plain = host_values(teacher_probs(&teacher, weak.clone(), false)).unwrap();
+        let mirror = host_values(teacher_probs(&teacher, weak.clone().flip([3]), false)).unwrap();
+        let averaged = host_values(teacher_probs(&teacher, weak, true)).unwrap();
+        assert_eq!(averaged.len(), 20);
+        for k in 0..20 {
+            let want = 0.5 * (plain[k] + mirror[k]);
+            assert!((averaged[k] - want).abs() < 1e-5, "{k}: {averaged:?}");
+        }
+        for k in 0..10 {
+            assert!(
+                (averaged[k] - plain[k]).abs() < 1e-5,
+                "the symmetric image moved"
+            );
+        }
+        let moved: f32 = (10..20).map(|k| (averaged[k] - plain[k]).abs()).sum();
+        assert!(moved > 1e-4, "the mirror changed nothing: {averaged:?}");
+        assert!((averaged.iter().sum::<f32>() - 2.0).abs() < 1e-4);
+    }
 
     #[test]
     fn folded_standardisation_computes_what_the_head_did() {
