@@ -196,8 +196,8 @@ fn tensorboard_drops_steps_lost_to_a_kill() {
     assert_eq!(csv_column(&run_dir, "loss").len(), 32);
 }
 
-/// A finetune run: per-round scalars at the labels spent (equal to metrics.csv), the bought-image
-/// grids, the class histogram, the confusion matrix and the projector of the fine-tuned embeddings.
+/// A finetune run: per-round scalars at the labels spent (equal to metrics.csv), the reported
+/// accuracy (equal to summary.json), the bought-image grids, the class histogram, the confusion matrix and the projector of the fine-tuned embeddings.
 #[test]
 fn tensorboard_reads_a_finetune_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -238,6 +238,9 @@ fn tensorboard_reads_a_finetune_run() {
         steps("labels/spent"),
         expected.iter().map(|&s| (s, s as f32)).collect::<Vec<_>>()
     );
+    // The reported accuracy, once, at the labels spent.
+    let reported = summary(&run_dir)["test_accuracy"].as_f64().unwrap() as f32;
+    assert_eq!(steps("final/test_accuracy"), [(60, reported)]);
 
     // One grid per purchase (its 15 images in a row, 28 px tiles, 2 px gaps), after each purchase.
     let grids = tb["images"]["labels/bought_images"].as_array().unwrap();

@@ -563,6 +563,12 @@ impl BackendJob for FinetuneJob {
         report::write_predictions(&run.root.join("predictions.csv"), &test_probs)?;
         let step = pool.spent();
         tb.add_image("test/confusion_matrix", &cm.image(24), step)?;
+        // The reported figures (after the stage and the test-time flip, when on), next to the
+        // rounds' `accuracy/*`.
+        tb.add_scalar("final/test_accuracy", cm.accuracy() as f32, step)?;
+        if let Some(a) = audit_final {
+            tb.add_scalar("final/audit_accuracy", a as f32, step)?;
+        }
         if cfg.report.projector_samples > 0 {
             let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
             let inner = final_model.clone();
