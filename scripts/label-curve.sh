@@ -14,8 +14,9 @@
 # cold start buying the whole budget at once (--initial = budget), one run per budget
 # (typiclust-s<seed>-b<budget>).
 # --semi: the semi-supervised stage (`--semi fixmatch`, its defaults: trained on every bought label,
-# `-- --semi-refit false` keeps the validation slice; test-time flip, off with `--test-time-flip
-# false`) trains the final model after the last purchase, so every budget is its own run
+# `-- --semi-refit false` keeps the validation slice; mirrored pseudo-labels and test-time flip, off
+# with `--pseudo-label-flip false --test-time-flip false`) trains the final model after the last
+# purchase, so every budget is its own run
 # (<strategy>-s<seed>-b<budget>); the table shows each strategy before and after the stage (and flip).
 # With `-- --validation random` every run of a seed validates on the same random slice (20% of the
 # budget, bought first), so curve.md's validation table compares strategies; `audit` holds such a
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --semi) semi=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

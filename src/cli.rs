@@ -228,7 +228,8 @@ pub struct FinetuneArgs {
     pub test_time_flip: Option<bool>,
     /// Mirrored pseudo-labels: the semi-supervised stage labels each pool image by the mean of
     /// its weak view's and that view's mirror image's class probabilities (one more forward pass
-    /// per step) [default: false].
+    /// per step). `--pseudo-label-flip false` turns it off [default: true with --semi fixmatch;
+    /// chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub pseudo_label_flip: Option<bool>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage

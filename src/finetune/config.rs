@@ -368,7 +368,8 @@ pub struct SemiConfig {
     /// Mirrored pseudo-labels: the stage labels each pool image by the mean of its weak view's
     /// and that view's mirror image's class probabilities (one more forward pass of the pool
     /// batch per step, without gradients), the test-time flip's second look used in training.
-    /// Off by default; left out of saved configs and plans while off.
+    /// On by default (chosen on an audit slice, README); as for `test_time_flip`, a `[semi]`
+    /// table that leaves it out means off, so saved runs resume with their plans.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pseudo_label_flip: bool,
 }
@@ -406,7 +407,7 @@ impl Default for SemiConfig {
             select_fraction: 1.0,
             train_on_validation: true,
             test_time_flip: true,
-            pseudo_label_flip: false,
+            pseudo_label_flip: true,
             teacher: SemiTeacher::Model,
         }
     }
@@ -746,6 +747,7 @@ mod tests {
         // existed keeps its plan.
         cfg.semi.train_on_validation = false;
         cfg.semi.test_time_flip = false;
+        cfg.semi.pseudo_label_flip = false;
         let plan = cfg.plan().to_string();
         for key in [
             "teacher",
@@ -768,9 +770,11 @@ mod tests {
         };
         assert!(refit.semi.train_on_validation);
         assert!(refit.semi.test_time_flip);
+        assert!(refit.semi.pseudo_label_flip);
         let text = refit.to_toml().unwrap();
         assert!(text.contains("train_on_validation = true"), "{text}");
         assert!(text.contains("test_time_flip = true"), "{text}");
+        assert!(text.contains("pseudo_label_flip = true"), "{text}");
         assert!(refit.plan().to_string().contains("test_time_flip"));
         let back: FinetuneConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, refit);
@@ -778,6 +782,7 @@ mod tests {
         let old: FinetuneConfig = toml::from_str("[semi]\nmethod = \"fixmatch\"\n").unwrap();
         assert!(!old.semi.train_on_validation);
         assert!(!old.semi.test_time_flip);
+        assert!(!old.semi.pseudo_label_flip);
         cfg.semi.teacher = SemiTeacher::Ema;
         let text = cfg.to_toml().unwrap();
         assert!(text.contains("teacher = \"ema\""), "{text}");
