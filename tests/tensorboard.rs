@@ -197,7 +197,8 @@ fn tensorboard_drops_steps_lost_to_a_kill() {
 }
 
 /// A finetune run: per-round scalars at the labels spent (equal to metrics.csv), the reported
-/// accuracy (equal to summary.json), the bought-image grids, the class histogram, the confusion matrix and the projector of the fine-tuned embeddings.
+/// accuracy (equal to summary.json), the bought-image grids, the class histogram, the confusion
+/// matrix and the projector of the fine-tuned embeddings.
 #[test]
 fn tensorboard_reads_a_finetune_run() {
     let tmp = tempfile::tempdir().unwrap();
