@@ -73,6 +73,12 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
         "{}",
         stderr(&out)
     );
+    assert!(
+        stderr(&out)
+            .contains("pseudo-labels from the moving average's weak views and their mirrors"),
+        "{}",
+        stderr(&out)
+    );
     let s = summary(&root.join("straight"));
     assert_eq!(s["config"]["semi"]["teacher"], "ema");
     assert_eq!(s["config"]["semi"]["pseudo_label_flip"], true);
@@ -313,5 +319,69 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         format!("{before:.5}"),
         rows[3][11],
         "the last round's figure"
+    );
+
+    // Killed in the stage and resumed: the audit slice is not bought again, and the run ends
+    // where the uninterrupted one did.
+    let audit_run = |name: &str| {
+        let mut c = semi_finetune(root, &data, &enc, &pipeline, name);
+        c.args([
+            "--labels",
+            "75",
+            "--validation",
+            "audit",
+            "--validation-fraction",
+            "0.2",
+            "--semi-refit",
+            "--test-time-flip",
+        ]);
+        c
+    };
+    let killed_dir = root.join("audit-killed");
+    let mut child = audit_run("audit-killed")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        if let Some((step, false)) = semi_step(&killed_dir) {
+            if step >= 10 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stage did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = run(audit_run("audit-killed").arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming at step"),
+        "{}",
+        stderr(&out)
+    );
+    let resumed = LabelDb::open(&killed_dir.join("labels.db"))
+        .unwrap()
+        .bought()
+        .unwrap();
+    assert_eq!(resumed.len(), 75, "a label was bought again");
+    let ledger = |b: &[frugal::labels::BoughtLabel]| -> Vec<(u64, String)> {
+        b.iter().map(|b| (b.item, b.strategy.clone())).collect()
+    };
+    assert_eq!(ledger(&resumed), ledger(&bought));
+    let k = summary(&killed_dir);
+    for key in ["audit_accuracy", "test_accuracy"] {
+        assert_eq!(k[key], s[key], "{key}");
+    }
+    assert_eq!(k["semi"]["audit_accuracy"], s["semi"]["audit_accuracy"]);
+    assert_eq!(
+        std::fs::read_to_string(killed_dir.join("predictions.csv")).unwrap(),
+        std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap()
     );
 }

@@ -477,7 +477,7 @@ pub fn train_semi<B: AutodiffBackend>(
         Some(&bar),
         &format!(
             "semi-supervised stage (FixMatch): {} bought training labels, {} pool images, {} steps \
-             of {nl} + {nu} images ({:.1} passes over the pool{}){}",
+             of {nl} + {nu} images ({:.1} passes over the pool{}); pseudo-labels from {}{}",
             labeled.len(),
             pool_items.len(),
             state.progress.total_steps,
@@ -489,6 +489,12 @@ pub fn train_semi<B: AutodiffBackend>(
                 )
             } else {
                 String::new()
+            },
+            match (s.teacher, s.pseudo_label_flip) {
+                (SemiTeacher::Model, false) => "the model's weak views",
+                (SemiTeacher::Model, true) => "the model's weak views and their mirrors",
+                (SemiTeacher::Ema, false) => "the moving average's weak views",
+                (SemiTeacher::Ema, true) => "the moving average's weak views and their mirrors",
             },
             if start_step > 0 {
                 format!(", resuming at step {start_step}")
