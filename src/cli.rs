@@ -232,6 +232,11 @@ pub struct FinetuneArgs {
     /// chosen on an audit slice of bought labels].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub pseudo_label_flip: Option<bool>,
+    /// Stage members: the semi-supervised stage trains N times from the same start, each with its
+    /// own random stream, and the final predictions average the N models' class probabilities
+    /// (an ensemble; N times the stage's time) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub semi_members: Option<usize>,
     /// Wall-clock minutes for the whole run, resumed sessions included: the semi-supervised stage
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
@@ -468,6 +473,7 @@ fn stage_flags(args: &FinetuneArgs) -> Vec<&'static str> {
         ("--semi-lr", args.semi_lr.is_some()),
         ("--semi-teacher", args.semi_teacher.is_some()),
         ("--semi-select", args.semi_select.is_some()),
+        ("--semi-members", args.semi_members.is_some()),
         ("--semi-refit", args.semi_refit == Some(true)),
         ("--test-time-flip", args.test_time_flip == Some(true)),
         ("--pseudo-label-flip", args.pseudo_label_flip == Some(true)),
@@ -551,6 +557,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = args.test_time_flip {
         cfg.semi.test_time_flip = v;
+    }
+    if let Some(v) = args.semi_members {
+        cfg.semi.members = v;
     }
     if let Some(v) = args.pseudo_label_flip {
         cfg.semi.pseudo_label_flip = v;

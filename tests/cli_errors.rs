@@ -354,6 +354,10 @@ fn finetune_bad_input() {
         ft("stage-flag").args(["--semi-epochs", "3"]),
         &["--semi-epochs", "the stage is off"],
     );
+    fails_with(
+        ft("stage-flag").args(["--semi-members", "2"]),
+        &["--semi-members", "the stage is off"],
+    );
     assert!(!root.join("stage-flag").join("labels.db").exists());
     fails_with(
         &mut smoke_finetune(root, &data, &root.join("nope"), "c"),

@@ -385,3 +385,118 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap()
     );
 }
+
+/// The stage's progress in the run's checkpoint: (member, steps done in it, finished).
+fn semi_member_step(run_dir: &Path) -> Option<(u64, u64, bool)> {
+    let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
+    let semi = ck.header.extra.get("semi")?;
+    Some((
+        semi["member"].as_u64()?,
+        semi["step"].as_u64()?,
+        semi["finished"].as_bool()?,
+    ))
+}
+
+#[test]
+fn stage_members_average_their_predictions_and_resume_inside_a_member() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc, pipeline) = setup(root);
+    let members = |name: &str, k: &str| {
+        let mut c = semi_finetune(root, &data, &enc, &pipeline, name);
+        c.args(["--test-time-flip", "--semi-members", k]);
+        c
+    };
+    let out = run(&mut members("one", "1"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let one = summary(&root.join("one"));
+    assert_eq!(one["semi"]["members"], 1);
+    assert!(one["semi"].get("member_test_accuracy").is_none());
+    assert!(!std::fs::read_to_string(root.join("one/config.toml"))
+        .unwrap()
+        .contains("members"));
+
+    let out = run(&mut members("two", "2"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("member 2 of 2"), "{err}");
+    assert!(
+        err.contains("2 members, their predictions averaged"),
+        "{err}"
+    );
+    let two = summary(&root.join("two"));
+    let semi = &two["semi"];
+    assert_eq!(semi["members"], 2);
+    assert_eq!(two["config"]["semi"]["members"], 2);
+    let each = semi["member_test_accuracy"].as_array().unwrap();
+    assert_eq!(each.len(), 2);
+    // The first member is the one-member stage; the second has its own stream.
+    assert_eq!(
+        each[0].as_f64(),
+        one["test_time_flip"]["test_accuracy_without"].as_f64()
+    );
+    assert_ne!(
+        std::fs::read_to_string(root.join("two/predictions.csv")).unwrap(),
+        std::fs::read_to_string(root.join("one/predictions.csv")).unwrap(),
+        "the second member changed nothing"
+    );
+    assert_eq!(semi["steps"], one["semi"]["steps"]);
+    assert!(semi["seconds"].as_f64().unwrap() > one["semi"]["seconds"].as_f64().unwrap());
+    assert_eq!(two["labels_bought"], 60);
+    assert!(std::fs::read_dir(root.join("two/semi/member-2"))
+        .unwrap()
+        .any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out")));
+
+    // Killed inside the second member and resumed: the first is not trained again, and the run
+    // ends where the uninterrupted one did.
+    let run_dir = root.join("two-killed");
+    let mut child = members("two-killed", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        if let Some((1, step, false)) = semi_member_step(&run_dir) {
+            if step >= 5 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the second member did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = run(members("two-killed", "2").arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("member 2 of 2"), "{err}");
+    assert!(
+        !err.contains("member 1 of 2"),
+        "the first member trained again: {err}"
+    );
+    assert!(err.contains("resuming at step"), "{err}");
+    let k = summary(&run_dir);
+    assert_eq!(k["test_accuracy"], two["test_accuracy"]);
+    assert_eq!(
+        k["semi"]["member_test_accuracy"],
+        semi["member_test_accuracy"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap(),
+        std::fs::read_to_string(root.join("two/predictions.csv")).unwrap()
+    );
+
+    // At least one member (without the stage the flag is refused: tests/cli_errors.rs).
+    let out = run(&mut members("bad", "0"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("semi.members"), "{}", stderr(&out));
+}

@@ -372,6 +372,16 @@ pub struct SemiConfig {
     /// table that leaves it out means off, so saved runs resume with their plans.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pseudo_label_flip: bool,
+    /// Stage members: the stage trains this many times from the same start, each with its own
+    /// random stream (data order, views, dropout), and the final predictions average their class
+    /// probabilities (an ensemble). 1: one stage, as before members existed; the first member is
+    /// always that stage.
+    #[serde(skip_serializing_if = "is_one_member")]
+    pub members: usize,
+}
+
+fn is_one_member(v: &usize) -> bool {
+    *v == 1
 }
 
 /// Fields added after runs were saved are left out of the saved config (and of the plan a resume
@@ -409,6 +419,7 @@ impl Default for SemiConfig {
             test_time_flip: true,
             pseudo_label_flip: true,
             teacher: SemiTeacher::Model,
+            members: 1,
         }
     }
 }
@@ -604,6 +615,9 @@ impl FinetuneConfig {
             if !(s.checkpoint_minutes.is_finite() && s.checkpoint_minutes > 0.0) {
                 bail!("semi.checkpoint_minutes must be positive");
             }
+            if !(1..=16).contains(&s.members) {
+                bail!("semi.members must be from 1 to 16, got {}", s.members);
+            }
             s.strong.validate().context("semi.strong")?;
         }
         if let Some(m) = self.time_budget_minutes {
@@ -755,6 +769,7 @@ mod tests {
             "train_on_validation",
             "test_time_flip",
             "pseudo_label_flip",
+            "members",
         ] {
             assert!(!plan.contains(key), "{key} in {plan}");
         }
@@ -783,6 +798,13 @@ mod tests {
         assert!(!old.semi.train_on_validation);
         assert!(!old.semi.test_time_flip);
         assert!(!old.semi.pseudo_label_flip);
+        assert_eq!(old.semi.members, 1);
+        // More than one member is saved, and read back.
+        let mut two = refit.clone();
+        two.semi.members = 2;
+        let text = two.to_toml().unwrap();
+        assert!(text.contains("members = 2"), "{text}");
+        assert_eq!(toml::from_str::<FinetuneConfig>(&text).unwrap(), two);
         cfg.semi.teacher = SemiTeacher::Ema;
         let text = cfg.to_toml().unwrap();
         assert!(text.contains("teacher = \"ema\""), "{text}");

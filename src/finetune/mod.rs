@@ -201,6 +201,9 @@ impl BackendJob for FinetuneJob {
                     optimizer: blob("semi_optimizer")?,
                     losses: optional("semi_losses"),
                     pass: optional("semi_pass"),
+                    members: (0..progress.member)
+                        .map(|m| blob(&format!("semi_member_{m}")))
+                        .collect::<Result<_>>()?,
                 };
                 semi_saved = Some((progress, blobs));
             }
@@ -372,7 +375,14 @@ impl BackendJob for FinetuneJob {
             let inner = model.valid();
             let test_scores = score_test(&inner, &inputs, &cfg, &device)?;
             let cm = ConfusionMatrix::new(&test_scores.probs, &test_labels);
-            let audit = audit_accuracy(&inner, &inputs, &pool.audit(), &cfg, false, &device)?;
+            let audit = audit_accuracy(
+                std::slice::from_ref(&inner),
+                &inputs,
+                &pool.audit(),
+                &cfg,
+                false,
+                &device,
+            )?;
             let step = pool.spent();
             tb.add_scalar("labels/spent", step as f32, step)?;
             tb.add_scalar("labels/train", train_set.len() as f32, step)?;
@@ -478,7 +488,7 @@ impl BackendJob for FinetuneJob {
         let image_inputs;
         let mut semi_summary = None;
         let mut semi_state: Option<SemiState<B>> = None;
-        let (final_model, test_probs, inputs) = if cfg.semi.method == SemiMethod::Fixmatch {
+        let (final_models, test_probs, inputs) = if cfg.semi.method == SemiMethod::Fixmatch {
             image_inputs = Inputs::new(&pool_images, &test_images, None, &cfg);
             let init = match &model.encoder {
                 Some(_) => model.clone(),
@@ -509,11 +519,11 @@ impl BackendJob for FinetuneJob {
             let (state, probs, summary) =
                 stage.train(init, semi_saved.take(), &mut save, &device)?;
             semi_summary = Some(summary);
-            let final_model = state.best.clone();
+            let final_models = state.ensemble();
             semi_state = Some(state);
-            (final_model, probs, &image_inputs)
+            (final_models, probs, &image_inputs)
         } else {
-            (model.valid(), test_probs, &inputs)
+            (vec![model.valid()], test_probs, &inputs)
         };
         let audit = pool.audit();
         let audit_final = match &semi_summary {
@@ -526,16 +536,16 @@ impl BackendJob for FinetuneJob {
             && cfg.semi.test_time_flip
         {
             let items: Vec<usize> = (0..test_images.len()).collect();
-            let flipped = train::flip_averaged(
-                &final_model,
+            let (flipped, _) = ensemble_probs(
+                &final_models,
                 inputs,
                 Set::Test,
                 &items,
-                &test_probs,
                 &cfg,
+                true,
                 &device,
             )?;
-            let audit_flipped = audit_accuracy(&final_model, inputs, &audit, &cfg, true, &device)?;
+            let audit_flipped = audit_accuracy(&final_models, inputs, &audit, &cfg, true, &device)?;
             let without = FlipSummary {
                 test_accuracy_without: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
                 audit_accuracy_without: audit_final,
@@ -571,7 +581,8 @@ impl BackendJob for FinetuneJob {
         }
         if cfg.report.projector_samples > 0 {
             let indices = fixed_subsample(test_images.len(), cfg.report.projector_samples, 0);
-            let inner = final_model.clone();
+            // The last member's embedding (an ensemble has none of its own).
+            let inner = final_models.last().expect("at least one model").clone();
             let linear = cfg.model.hidden == 0;
             let emb = score(
                 &inner,
@@ -678,36 +689,67 @@ impl Stage<'_> {
             train_set.append(&mut val_set);
             train_set.sort_unstable();
         }
-        let state = match saved {
-            Some((progress, blobs)) => SemiState::restore(init, progress, blobs, device)?,
-            None => SemiState::start(init),
+        let mut state = match saved {
+            Some((progress, blobs)) => SemiState::restore(init.clone(), progress, blobs, device)?,
+            None => SemiState::start(init.clone()),
         };
-        let state = if state.progress.finished {
-            state
-        } else {
-            let mut tb = EventWriter::create(&self.run.root.join("semi"))?;
-            tb.add_session_start(state.progress.step)?;
-            // The validation and audit slices are no pool images: their labels judge the stage.
-            let val_items: std::collections::HashSet<usize> =
-                val_set.iter().chain(&audit_set).map(|&(i, _)| i).collect();
-            let unlabeled: Vec<usize> = (0..self.pool.size())
-                .filter(|i| !val_items.contains(i))
-                .collect();
-            semi::train_semi(
-                state,
-                &train_set,
-                &val_set,
-                &unlabeled,
-                self.inputs,
-                cfg,
-                self.deadline_s,
-                &mut tb,
-                save,
-                device,
-            )?
-        };
-        let scores = score_test(&state.best, self.inputs, cfg, device)?;
-        let audit = audit_accuracy(&state.best, self.inputs, &audit_set, cfg, false, device)?;
+        // The validation and audit slices are no pool images: their labels judge the stage.
+        let val_items: std::collections::HashSet<usize> =
+            val_set.iter().chain(&audit_set).map(|&(i, _)| i).collect();
+        let unlabeled: Vec<usize> = (0..self.pool.size())
+            .filter(|i| !val_items.contains(i))
+            .collect();
+        let members = cfg.semi.members;
+        let session = Instant::now();
+        loop {
+            let m = state.progress.member;
+            if !state.progress.finished {
+                // The first member logs where the stage always has; the others beside it.
+                let dir = match m {
+                    0 => self.run.root.join("semi"),
+                    _ => self.run.root.join("semi").join(format!("member-{}", m + 1)),
+                };
+                let mut tb = EventWriter::create(&dir)?;
+                tb.add_session_start(state.progress.step)?;
+                // Each member still to train gets an equal share of the time left.
+                let deadline = self
+                    .deadline_s
+                    .map(|d| (d - session.elapsed().as_secs_f64()) / (members - m) as f64);
+                state = semi::train_semi(
+                    state,
+                    &train_set,
+                    &val_set,
+                    &unlabeled,
+                    self.inputs,
+                    cfg,
+                    deadline,
+                    &mut tb,
+                    save,
+                    device,
+                )?;
+            }
+            if m + 1 >= members {
+                break;
+            }
+            // Saved at once, so a kill from here on does not train this member again.
+            state = state.next_member(init.clone());
+            save(&state)?;
+        }
+        let models = state.ensemble();
+        let items: Vec<usize> = (0..self.inputs.test.len()).collect();
+        let (test_probs, each) =
+            ensemble_probs(&models, self.inputs, Set::Test, &items, cfg, false, device)?;
+        let audit = audit_accuracy(&models, self.inputs, &audit_set, cfg, false, device)?;
+        let (mut member_test_accuracy, mut member_audit_accuracy) = (Vec::new(), Vec::new());
+        if members > 1 {
+            for (model, probs) in models.iter().zip(&each) {
+                member_test_accuracy.push(ConfusionMatrix::new(probs, self.test_labels).accuracy());
+                let one = std::slice::from_ref(model);
+                if let Some(a) = audit_accuracy(one, self.inputs, &audit_set, cfg, false, device)? {
+                    member_audit_accuracy.push(a);
+                }
+            }
+        }
         let p = &state.progress;
         let kept = match cfg.semi.keep {
             SemiKeep::Last => p.last.clone(),
@@ -715,7 +757,7 @@ impl Stage<'_> {
         };
         let validation_accuracy = kept.as_ref().map_or(f64::NAN, |b| b.validation_accuracy);
         let kept_step = kept.as_ref().map_or(0, |b| b.step);
-        let after = ConfusionMatrix::new(&scores.probs, self.test_labels).accuracy();
+        let after = ConfusionMatrix::new(&test_probs, self.test_labels).accuracy();
         let validation = if val_set.is_empty() {
             "no validation (trained on every bought label)".to_string()
         } else {
@@ -731,11 +773,22 @@ impl Stage<'_> {
             self.audit_accuracy_before,
             "before",
         );
+        let ensemble = match members {
+            1 => String::new(),
+            _ => format!(
+                " ({members} members, their predictions averaged; each alone: test {}%)",
+                member_test_accuracy
+                    .iter()
+                    .map(|a| format!("{:.2}", 100.0 * a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         log(
             None,
             &format!(
-                "semi-supervised stage: {validation}{audit_text}; test accuracy {:.2}% against \
-                 {:.2}% before (report only), {:.0} s",
+                "semi-supervised stage{ensemble}: {validation}{audit_text}; test accuracy {:.2}% \
+                 against {:.2}% before (report only), {:.0} s",
                 100.0 * after,
                 100.0 * self.test_accuracy_before,
                 p.seconds
@@ -756,8 +809,11 @@ impl Stage<'_> {
             audit_accuracy: audit,
             audit_accuracy_before: self.audit_accuracy_before,
             seconds: p.seconds,
+            members,
+            member_test_accuracy,
+            member_audit_accuracy,
         };
-        Ok((state, scores.probs, summary))
+        Ok((state, test_probs, summary))
     }
 }
 
@@ -770,11 +826,11 @@ fn against(what: &str, a: Option<f64>, b: Option<f64>, then: &str) -> String {
     }
 }
 
-/// The classifier's accuracy on the audit slice `audit` (`None` when it is empty): bought labels
-/// that nothing trains or validates on, for the report. `flip`: of the test-time flip's
-/// predictions.
+/// The accuracy of `models`' mean predictions on the audit slice `audit` (`None` when it is
+/// empty): bought labels that nothing trains or validates on, for the report. `flip`: of the
+/// test-time flip's predictions.
 fn audit_accuracy<B: Backend>(
-    model: &Classifier<B>,
+    models: &[Classifier<B>],
     inputs: &Inputs,
     audit: &[Labeled],
     cfg: &FinetuneConfig,
@@ -785,11 +841,41 @@ fn audit_accuracy<B: Backend>(
         return Ok(None);
     }
     let (items, labels): (Vec<usize>, Vec<u8>) = audit.iter().copied().unzip();
-    let mut probs = score(model, inputs, Set::Pool, &items, cfg, false, 0, device)?.probs;
-    if flip {
-        probs = train::flip_averaged(model, inputs, Set::Pool, &items, &probs, cfg, device)?;
-    }
+    let (probs, _) = ensemble_probs(models, inputs, Set::Pool, &items, cfg, flip, device)?;
     Ok(Some(ConfusionMatrix::new(&probs, &labels).accuracy()))
+}
+
+/// The mean of `models`' class probabilities of `items` of `set` (`[items * classes]`), each
+/// with the test-time flip when `flip` (an ensemble of stage members; one model: its own), and
+/// each model's own probabilities.
+fn ensemble_probs<B: Backend>(
+    models: &[Classifier<B>],
+    inputs: &Inputs,
+    set: Set,
+    items: &[usize],
+    cfg: &FinetuneConfig,
+    flip: bool,
+    device: &B::Device,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let mut each = Vec::with_capacity(models.len());
+    for model in models {
+        let mut probs = score(model, inputs, set, items, cfg, false, 0, device)?.probs;
+        if flip {
+            probs = train::flip_averaged(model, inputs, set, items, &probs, cfg, device)?;
+        }
+        each.push(probs);
+    }
+    let mean = match each.as_slice() {
+        [] => bail!("internal: an ensemble of no models"),
+        [one] => one.clone(),
+        all => {
+            let k = all.len() as f32;
+            (0..all[0].len())
+                .map(|i| all.iter().map(|p| p[i]).sum::<f32>() / k)
+                .collect()
+        }
+    };
+    Ok((mean, each))
 }
 
 /// The classifier's probabilities on the whole test set: for the report, never for a decision.
@@ -1020,6 +1106,9 @@ impl CheckpointWriter<'_> {
             if !b.losses.is_empty() {
                 blobs.push(("semi_losses".into(), b.losses));
                 blobs.push(("semi_pass".into(), b.pass));
+            }
+            for (m, bytes) in b.members.into_iter().enumerate() {
+                blobs.push((format!("semi_member_{m}"), bytes));
             }
         }
         Checkpoint {

@@ -175,7 +175,22 @@ pub struct SemiSummary {
     pub audit_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_accuracy_before: Option<f64>,
+    /// Wall-clock seconds of the stage, every member's.
     pub seconds: f64,
+    /// Stage members (`semi.members`) whose predictions the figures above average; `steps`,
+    /// `passes` and `kept_step` are each member's.
+    #[serde(default = "one")]
+    pub members: usize,
+    /// With more than one member: each member's own test accuracy (report only) and audit
+    /// accuracy, in order, without the test-time flip like the figures above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub member_test_accuracy: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub member_audit_accuracy: Vec<f64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `{class name: value}` in class order.

@@ -76,6 +76,10 @@ pub struct SemiProgress {
     /// Wall-clock seconds spent in the stage, all sessions.
     pub seconds: f64,
     pub finished: bool,
+    /// The member under way (`semi.members`), from 0; the earlier ones have finished. `step`,
+    /// `total_steps`, `best`, `last` and `finished` are this member's, `seconds` all members'.
+    #[serde(default)]
+    pub member: usize,
 }
 
 /// The stage's weights and optimizer as checkpoint blobs.
@@ -90,6 +94,8 @@ pub struct SemiBlobs {
     /// checkpoints written before it existed).
     pub losses: Vec<u8>,
     pub pass: Vec<u8>,
+    /// The kept weights of the finished members, in order (`semi.members > 1`).
+    pub members: Vec<Vec<u8>>,
 }
 
 /// What the caller saves and what a resume starts from.
@@ -111,6 +117,8 @@ pub struct SemiState<B: AutodiffBackend> {
     pub losses: Vec<f32>,
     /// Selection by loss: the pass under way and its order of pool images.
     pub pass: Option<(u64, Vec<usize>)>,
+    /// The kept weights of the members that have finished (`progress.member` of them).
+    pub members: Vec<Classifier<B::InnerBackend>>,
 }
 
 /// [`SemiState::learned`] of an image never predicted confidently.
@@ -128,7 +136,28 @@ impl<B: AutodiffBackend> SemiState<B> {
             learned: Vec::new(),
             losses: Vec::new(),
             pass: None,
+            members: Vec::new(),
         }
+    }
+
+    /// The next member's fresh start from `init`, carrying the finished members (this one's kept
+    /// weights join them) and the seconds spent.
+    pub fn next_member(self, init: Classifier<B>) -> Self {
+        let mut members = self.members;
+        members.push(self.best);
+        let mut next = Self::start(init);
+        next.members = members;
+        next.progress.member = self.progress.member + 1;
+        next.progress.seconds = self.progress.seconds;
+        next
+    }
+
+    /// Every finished member's kept weights, this one's last (when it has finished): the models
+    /// whose predictions the run averages.
+    pub fn ensemble(&self) -> Vec<Classifier<B::InnerBackend>> {
+        let mut models = self.members.clone();
+        models.push(self.best.clone());
+        models
     }
 
     /// A stage restored from checkpoint blobs; `skeleton` has the stage's architecture.
@@ -139,6 +168,7 @@ impl<B: AutodiffBackend> SemiState<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let inner = skeleton.valid();
+        let inner_skeleton = inner.clone();
         let ema = inner
             .clone()
             .load_record(record_from_bytes::<B::InnerBackend, _>(&blobs.ema, device)?);
@@ -147,7 +177,24 @@ impl<B: AutodiffBackend> SemiState<B> {
             device,
         )?);
         let model = skeleton.load_record(record_from_bytes::<B, _>(&blobs.model, device)?);
+        if blobs.members.len() != progress.member {
+            bail!(
+                "the checkpoint holds {} finished stage members for member {}: it is damaged",
+                blobs.members.len(),
+                progress.member
+            );
+        }
+        let members = blobs
+            .members
+            .iter()
+            .map(|b| {
+                Ok(inner_skeleton
+                    .clone()
+                    .load_record(record_from_bytes::<B::InnerBackend, _>(b, device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            members,
             model,
             ema,
             best,
@@ -188,7 +235,22 @@ impl<B: AutodiffBackend> SemiState<B> {
                     b
                 })
                 .unwrap_or_default(),
+            members: self
+                .members
+                .iter()
+                .map(|m| module_to_bytes::<B::InnerBackend, _>(m.clone()))
+                .collect::<Result<_>>()?,
         })
+    }
+}
+
+/// The seed of stage member `member`: the run's seed for the first (so one member is the stage
+/// as before members existed), a distinct stream for each other.
+pub fn member_seed(seed: u64, member: usize) -> u64 {
+    if member == 0 {
+        seed
+    } else {
+        seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(member as u64)
     }
 }
 
@@ -419,7 +481,7 @@ pub fn train_semi<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<SemiState<B>> {
     let s = &cfg.semi;
-    let seed = cfg.train.seed;
+    let seed = member_seed(cfg.train.seed, state.progress.member);
     if labeled.is_empty() || pool_items.is_empty() {
         bail!("the semi-supervised stage needs bought training labels and pool images");
     }
@@ -476,8 +538,13 @@ pub fn train_semi<B: AutodiffBackend>(
     log(
         Some(&bar),
         &format!(
-            "semi-supervised stage (FixMatch): {} bought training labels, {} pool images, {} steps \
+            "semi-supervised stage (FixMatch{}): {} bought training labels, {} pool images, {} steps \
              of {nl} + {nu} images ({:.1} passes over the pool{}); pseudo-labels from {}{}",
+            if s.members > 1 {
+                format!(", member {} of {}", state.progress.member + 1, s.members)
+            } else {
+                String::new()
+            },
             labeled.len(),
             pool_items.len(),
             state.progress.total_steps,
