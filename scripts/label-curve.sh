@@ -14,8 +14,8 @@
 # cold start buying the whole budget at once (--initial = budget), one run per budget
 # (typiclust-s<seed>-b<budget>).
 # --semi: the semi-supervised stage (`--semi fixmatch`, its defaults: trained on every bought label,
-# `-- --semi-refit false` keeps the validation slice; mirrored pseudo-labels and test-time flip, off
-# with `--pseudo-label-flip false --test-time-flip false`) trains the final model after the last
+# `-- --semi-refit false` keeps the validation slice; test-time flip, off with `--test-time-flip
+# false`; mirrored pseudo-labels, on with `--pseudo-label-flip`) trains the final model after the last
 # purchase, so every budget is its own run
 # (<strategy>-s<seed>-b<budget>); the table shows each strategy before and after the stage (and flip).
 # With `-- --validation random` every run of a seed validates on the same random slice (20% of the

@@ -228,8 +228,7 @@ pub struct FinetuneArgs {
     pub test_time_flip: Option<bool>,
     /// Mirrored pseudo-labels: the semi-supervised stage labels each pool image by the mean of
     /// its weak view's and that view's mirror image's class probabilities (one more forward pass
-    /// per step). `--pseudo-label-flip false` turns it off [default: true with --semi fixmatch;
-    /// chosen on an audit slice of bought labels].
+    /// per step) [default: false; a 500-label audit slice found no gain].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub pseudo_label_flip: Option<bool>,
     /// Stage members: the semi-supervised stage trains N times from the same start, each with its
