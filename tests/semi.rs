@@ -53,11 +53,42 @@ fn selective(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) 
     c
 }
 
-/// The stage's progress in the run's checkpoint: (steps done, finished).
-fn semi_step(run_dir: &Path) -> Option<(u64, bool)> {
+/// The stage's progress in the run's checkpoint: (member, steps done in it, finished).
+fn semi_progress(run_dir: &Path) -> Option<(u64, u64, bool)> {
     let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
     let semi = ck.header.extra.get("semi")?;
-    Some((semi["step"].as_u64()?, semi["finished"].as_bool()?))
+    Some((
+        semi["member"].as_u64().unwrap_or(0),
+        semi["step"].as_u64()?,
+        semi["finished"].as_bool()?,
+    ))
+}
+
+/// Starts `cmd` (a run writing to `run_dir`) and kills it inside the stage, once its checkpoint
+/// shows member `member` unfinished with at least `step` steps done. Returns those steps; fails
+/// if the run ends first or gets nowhere in 5 minutes.
+fn kill_in_stage(cmd: &mut Command, run_dir: &Path, member: u64, step: u64) -> u64 {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        if let Some((m, done, false)) = semi_progress(run_dir) {
+            if m == member && done >= step {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return done;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stage did not get there");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 #[test]
@@ -104,27 +135,12 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
 
     // Killed in the middle of the stage (in a pass chosen by loss), resumed: the same final model.
     let run_dir = root.join("killed");
-    let mut child = selective(root, &data, &enc, &pipeline, "killed")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let killed_at = loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        if let Some((step, false)) = semi_step(&run_dir) {
-            if step >= 21 {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                break step;
-            }
-        }
-        assert!(Instant::now() < deadline, "the stage did not start");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let killed_at = kill_in_stage(
+        &mut selective(root, &data, &enc, &pipeline, "killed"),
+        &run_dir,
+        0,
+        21,
+    );
     assert!(killed_at < 48);
     let out = run(selective(root, &data, &enc, &pipeline, "killed").arg("--resume"));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -338,27 +354,7 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         c
     };
     let killed_dir = root.join("audit-killed");
-    let mut child = audit_run("audit-killed")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        if let Some((step, false)) = semi_step(&killed_dir) {
-            if step >= 10 {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the stage did not start");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    kill_in_stage(&mut audit_run("audit-killed"), &killed_dir, 0, 10);
     let out = run(audit_run("audit-killed").arg("--resume"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -384,17 +380,6 @@ fn an_audit_slice_judges_a_refit_without_being_trained_on() {
         std::fs::read_to_string(killed_dir.join("predictions.csv")).unwrap(),
         std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap()
     );
-}
-
-/// The stage's progress in the run's checkpoint: (member, steps done in it, finished).
-fn semi_member_step(run_dir: &Path) -> Option<(u64, u64, bool)> {
-    let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
-    let semi = ck.header.extra.get("semi")?;
-    Some((
-        semi["member"].as_u64()?,
-        semi["step"].as_u64()?,
-        semi["finished"].as_bool()?,
-    ))
 }
 
 #[test]
@@ -454,27 +439,7 @@ fn stage_members_average_their_predictions_and_resume_inside_a_member() {
     // Killed inside the second member and resumed: the first is not trained again, and the run
     // ends where the uninterrupted one did.
     let run_dir = root.join("two-killed");
-    let mut child = members("two-killed", "2")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        if let Some((1, step, false)) = semi_member_step(&run_dir) {
-            if step >= 5 {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the second member did not start");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    kill_in_stage(&mut members("two-killed", "2"), &run_dir, 1, 5);
     let out = run(members("two-killed", "2").arg("--resume"));
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
