@@ -53,6 +53,16 @@ fn selective(root: &Path, data: &Path, enc: &Path, pipeline: &Path, name: &str) 
     c
 }
 
+/// Whether `dir` holds a TensorBoard event file.
+fn has_events(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out")
+    })
+}
+
 /// The stage's progress in the run's checkpoint: (member, steps done in it, finished).
 fn semi_progress(run_dir: &Path) -> Option<(u64, u64, bool)> {
     let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
@@ -125,13 +135,7 @@ fn semi_stage_trains_the_encoder_buys_nothing_and_resumes_exactly() {
     assert_eq!(db.spent().unwrap(), 60);
     assert_eq!(s["labels_bought"], 60);
     // The stage's TensorBoard run exists next to the rounds'.
-    assert!(std::fs::read_dir(root.join("straight/semi"))
-        .unwrap()
-        .any(|e| e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("events.out")));
+    assert!(has_events(&root.join("straight/semi")));
 
     // Killed in the middle of the stage (in a pass chosen by loss), resumed: the same final model.
     let run_dir = root.join("killed");
@@ -428,13 +432,7 @@ fn stage_members_average_their_predictions_and_resume_inside_a_member() {
     assert_eq!(semi["steps"], one["semi"]["steps"]);
     assert!(semi["seconds"].as_f64().unwrap() > one["semi"]["seconds"].as_f64().unwrap());
     assert_eq!(two["labels_bought"], 60);
-    assert!(std::fs::read_dir(root.join("two/semi/member-2"))
-        .unwrap()
-        .any(|e| e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("events.out")));
+    assert!(has_events(&root.join("two/semi/member-2")));
 
     // Killed inside the second member and resumed: the first is not trained again, and the run
     // ends where the uninterrupted one did.
