@@ -8,10 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use frugal::checkpoint::Checkpoint;
 use frugal::labels::LabelDb;
 
 /// The smoke finetune pipeline with a small semi-supervised stage that checkpoints at every step.
@@ -63,42 +62,19 @@ fn has_events(dir: &Path) -> bool {
     })
 }
 
-/// The stage's progress in the run's checkpoint: (member, steps done in it, finished).
-fn semi_progress(run_dir: &Path) -> Option<(u64, u64, bool)> {
-    let ck = Checkpoint::load(&run_dir.join("checkpoint.bin")).ok()?;
-    let semi = ck.header.extra.get("semi")?;
-    Some((
-        semi["member"].as_u64().unwrap_or(0),
-        semi["step"].as_u64()?,
-        semi["finished"].as_bool()?,
-    ))
-}
-
 /// Starts `cmd` (a run writing to `run_dir`) and kills it inside the stage, once its checkpoint
 /// shows member `member` unfinished with at least `step` steps done. Returns those steps; fails
 /// if the run ends first or gets nowhere in 5 minutes.
 fn kill_in_stage(cmd: &mut Command, run_dir: &Path, member: u64, step: u64) -> u64 {
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        if let Some((m, done, false)) = semi_progress(run_dir) {
-            if m == member && done >= step {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                return done;
-            }
-        }
-        assert!(Instant::now() < deadline, "the stage did not get there");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    kill_when(cmd, run_dir, Duration::ZERO, |ck| {
+        let semi = ck.header.extra.get("semi")?;
+        let done = semi["step"].as_u64()?;
+        (semi["member"].as_u64().unwrap_or(0) == member
+            && done >= step
+            && semi["finished"].as_bool() == Some(false))
+        .then_some(done)
+    })
+    .expect("finished before the kill")
 }
 
 #[test]

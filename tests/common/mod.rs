@@ -174,6 +174,20 @@ pub fn kill_after_checkpoint(
     run_dir: &Path,
     step: u64,
 ) -> Option<u64> {
+    // Let it run on a little past the checkpoint, so there is work to lose.
+    kill_when(cmd, run_dir, Duration::from_millis(150), |ck| {
+        (ck.header.global_step >= step && !ck.header.finished).then_some(ck.header.global_step)
+    })
+}
+
+/// Starts `cmd` and SIGKILLs it `settle` after `at` first returns `Some` for the run's
+/// checkpoint; returns that value, or None if the process ended first. Fails after 5 minutes.
+pub fn kill_when(
+    cmd: &mut std::process::Command,
+    run_dir: &Path,
+    settle: Duration,
+    at: impl Fn(&Checkpoint) -> Option<u64>,
+) -> Option<u64> {
     let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -184,16 +198,19 @@ pub fn kill_after_checkpoint(
         if child.try_wait().unwrap().is_some() {
             return None;
         }
-        if let Ok(ck) = Checkpoint::load(&run_dir.join("checkpoint.bin")) {
-            if ck.header.global_step >= step && !ck.header.finished {
-                // Let it run on a little past the checkpoint, so there is work to lose.
-                std::thread::sleep(Duration::from_millis(150));
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                return Some(ck.header.global_step);
-            }
+        if let Some(v) = Checkpoint::load(&run_dir.join("checkpoint.bin"))
+            .ok()
+            .and_then(|ck| at(&ck))
+        {
+            std::thread::sleep(settle);
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "run did not reach step {step}");
-        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            Instant::now() < deadline,
+            "the run never got to the kill point"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
