@@ -86,6 +86,21 @@ fn finetune_reports_what_the_ledger_and_predictions_say() {
         .collect();
     assert_eq!(spent, vec![15, 30, 45, 60]);
 
+    // The smoke pipeline logs every epoch (`report.epoch_log_seconds = 0`): per round, the last
+    // epoch line is the round's last epoch in metrics.csv.
+    let log = stderr(&out);
+    for row in metrics.lines().skip(1) {
+        let fields: Vec<&str> = row.split(',').collect();
+        let (round, epochs): (u64, u64) = (fields[1].parse().unwrap(), fields[4].parse().unwrap());
+        let prefix = format!("round {round}, epoch ");
+        let logged: Vec<u64> = log
+            .lines()
+            .filter_map(|l| l.split_once(&prefix))
+            .map(|(_, rest)| rest.split(':').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(logged, (1..=epochs).collect::<Vec<_>>(), "round {round}");
+    }
+
     // Resuming a finished run changes nothing.
     let modified = |f: &str| {
         std::fs::metadata(run_dir.join(f))

@@ -440,6 +440,8 @@ pub struct FinetuneReport {
     pub bought_grid: usize,
     /// Test images shown in the embedding projector at the end (0: none).
     pub projector_samples: usize,
+    /// Least seconds between two epoch lines in the log while a round trains (0: every epoch).
+    pub epoch_log_seconds: f64,
 }
 
 impl Default for FinetuneReport {
@@ -447,6 +449,7 @@ impl Default for FinetuneReport {
         Self {
             bought_grid: 64,
             projector_samples: 2000,
+            epoch_log_seconds: 30.0,
         }
     }
 }
@@ -567,6 +570,10 @@ impl FinetuneConfig {
         }
         if t.augment_shift > 8 {
             bail!("train.augment_shift must be at most 8 pixels");
+        }
+        let log_every = self.report.epoch_log_seconds;
+        if !(log_every.is_finite() && log_every >= 0.0) {
+            bail!("report.epoch_log_seconds must be a number >= 0 (0: a line every epoch)");
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("model.dropout must be in [0, 1)");

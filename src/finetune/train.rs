@@ -19,6 +19,7 @@ use crate::data::augment::shift_flip;
 use crate::data::batch::{images_tensor, rng_for, stream};
 use crate::data::{FashionMnist, IMAGE_SIDE};
 use crate::models::{host_values, Classifier, ClassifierInput, Encoder};
+use crate::progress::{images_bar, log};
 
 /// Which image set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +268,10 @@ fn targets<B: Backend>(labels: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
 /// Trains `model` on `train` (pairs of pool item and label) for round `round`, keeping the epoch
 /// with the best accuracy on `val` (ties: lower loss); stops after `patience` epochs without
 /// improvement. Without validation labels it trains `max_epochs` and keeps the last.
+///
+/// Progress: a bar per epoch on a terminal, and an epoch line at most every
+/// `report.epoch_log_seconds` (30 by default: a round of a few hundred labels ends in seconds and logs none; one of
+/// tens of thousands, or with the encoder unfrozen, shows it is alive and how it goes).
 pub fn train_round<B: AutodiffBackend>(
     mut model: Classifier<B>,
     train: &[(usize, u8)],
@@ -285,6 +290,7 @@ pub fn train_round<B: AutodiffBackend>(
     let mut best: Option<(Classifier<B>, RoundTraining)> = None;
     let mut since_best = 0;
     let mut step: u64 = 0;
+    let mut last_log = std::time::Instant::now();
     for epoch in 1..=t.max_epochs {
         let mut rng = rng_for(seed, stream::FINETUNE_ORDER, ((round as u64) << 20) + epoch);
         // An epoch is one pass, or several when that is fewer than `min_steps_per_epoch` steps:
@@ -307,6 +313,11 @@ pub fn train_round<B: AutodiffBackend>(
         if !single_pass {
             rows.truncate(steps * t.batch_size);
         }
+        let bar = images_bar(
+            rows.len() as u64,
+            0,
+            &format!("round {round}, epoch {epoch}"),
+        );
         // Each step's loss stays on the device until the epoch ends: one copy to the host per
         // epoch instead of a device synchronisation per step.
         let mut losses: Vec<(Tensor<B::InnerBackend, 1>, usize)> = Vec::new();
@@ -332,6 +343,7 @@ pub fn train_round<B: AutodiffBackend>(
             model = optim.step(t.learning_rate, model, grads);
             losses.push((loss.inner(), chunk.len()));
             step += 1;
+            bar.inc(chunk.len() as u64);
         }
         let (sizes, losses): (Vec<usize>, Vec<_>) = losses.into_iter().map(|(l, n)| (n, l)).unzip();
         let values = if losses.is_empty() {
@@ -390,17 +402,40 @@ pub fn train_round<B: AutodiffBackend>(
                         && report.validation_loss < b.validation_loss)
             }
         };
+        let mut stop = false;
         if better {
-            best = Some((model.clone(), report));
+            best = Some((model.clone(), report.clone()));
             since_best = 0;
         } else {
             since_best += 1;
-            if since_best >= t.patience {
-                break;
-            }
+            stop = since_best >= t.patience;
         }
         if let Some((_, b)) = &mut best {
             b.epochs = epoch;
+        }
+        if last_log.elapsed().as_secs_f64() >= cfg.report.epoch_log_seconds {
+            let validation = match &best {
+                Some((_, b)) if !val.is_empty() => format!(
+                    ", validation accuracy {:.2}% (best {:.2}% at epoch {})",
+                    100.0 * report.validation_accuracy,
+                    100.0 * b.validation_accuracy,
+                    b.best_epoch
+                ),
+                _ => String::new(),
+            };
+            log(
+                Some(&bar),
+                &format!(
+                    "round {round}, epoch {epoch}: train loss {train_loss:.4}{validation}, \
+                     {:.0} img/s",
+                    bar.per_sec()
+                ),
+            );
+            last_log = std::time::Instant::now();
+        }
+        bar.finish_and_clear();
+        if stop {
+            break;
         }
     }
     best.ok_or_else(|| anyhow::anyhow!("no training epoch ran"))
