@@ -270,8 +270,9 @@ fn targets<B: Backend>(labels: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
 /// improvement. Without validation labels it trains `max_epochs` and keeps the last.
 ///
 /// Progress: a bar per epoch on a terminal, and an epoch line at most every
-/// `report.epoch_log_seconds` (30 by default: a round of a few hundred labels ends in seconds and logs none; one of
-/// tens of thousands, or with the encoder unfrozen, shows it is alive and how it goes).
+/// `report.epoch_log_seconds` (30 by default: a round of a few hundred labels ends in seconds
+/// and logs none; one of tens of thousands, or with the encoder unfrozen, shows it is alive and
+/// how it goes).
 pub fn train_round<B: AutodiffBackend>(
     mut model: Classifier<B>,
     train: &[(usize, u8)],
