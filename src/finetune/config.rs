@@ -833,6 +833,22 @@ mod tests {
     }
 
     #[test]
+    fn epoch_log_seconds_must_be_a_number_at_least_zero() {
+        let mut cfg = FinetuneConfig::default();
+        assert_eq!(cfg.report.epoch_log_seconds, 30.0);
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            cfg.report.epoch_log_seconds = bad;
+            let err = cfg.validate(None).unwrap_err().to_string();
+            assert!(err.contains("report.epoch_log_seconds"), "{bad}: {err}");
+        }
+        cfg.report.epoch_log_seconds = 0.0;
+        cfg.validate(None).unwrap();
+        // A saved config from before the setting reads with the default.
+        let old: FinetuneConfig = toml::from_str("[report]\nbought_grid = 8\n").unwrap();
+        assert_eq!(old.report.epoch_log_seconds, 30.0);
+    }
+
+    #[test]
     fn impossible_budgets_are_refused() {
         let mut cfg = FinetuneConfig::default();
         cfg.labels.budget = 100;
