@@ -118,17 +118,23 @@ def main() -> None:
     args = ap.parse_args()
     if not args.checkpoint.is_file():
         sys.exit(f"error: {args.checkpoint} does not exist")
+    try:
+        rows = [
+            (path, values)
+            for name, blob in blobs(args.checkpoint)
+            # an empty section, or one that is not a burn record, is skipped
+            if blob and blob[0] >= 0x80
+            for path, values in tensors(decode(blob, 0)[0], name)
+        ]
+    except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
+        sys.exit(f"error: {args.checkpoint} is truncated or corrupt ({e})")
     total = total_sub = 0
     print(f"{'tensor':<72} {'values':>10} {'subnormal':>10} {'share':>7}")
-    for name, blob in blobs(args.checkpoint):
-        if not blob or blob[0] < 0x80:
-            continue  # an empty section, or one that is not a burn record
-        record, _ = decode(blob, 0)
-        for path, values in tensors(record, name):
-            sub = sum(1 for x in values if x != 0.0 and -SMALLEST_NORMAL < x < SMALLEST_NORMAL)
-            total += len(values)
-            total_sub += sub
-            print(f"{path:<72} {len(values):>10} {sub:>10} {100 * sub / max(len(values), 1):>6.2f}%")
+    for path, values in rows:
+        sub = sum(1 for x in values if x != 0.0 and -SMALLEST_NORMAL < x < SMALLEST_NORMAL)
+        total += len(values)
+        total_sub += sub
+        print(f"{path:<72} {len(values):>10} {sub:>10} {100 * sub / max(len(values), 1):>6.2f}%")
     print(f"{'all':<72} {total:>10} {total_sub:>10} {100 * total_sub / max(total, 1):>6.2f}%")
 
 
