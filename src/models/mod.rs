@@ -2,6 +2,7 @@
 
 pub mod classifier;
 pub mod encoder;
+pub mod norm;
 pub mod resnet;
 pub mod simclr;
 pub mod vae;

@@ -1,6 +1,7 @@
 //! A small ResNet for 28x28 images: a stride-1 3x3 stem (no max-pool, the images are tiny), three
 //! stages of basic residual blocks at 28x28, 14x14 and 7x7, and global average pooling.
 
+use super::norm::{batch_norm_2d, channel_means};
 use crate::kernels::conv2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
@@ -105,10 +106,10 @@ impl<B: Backend> BasicBlock<B> {
 
     /// `[batch, input, h, w]` -> `[batch, output, h / stride, w / stride]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let y = relu(self.bn1.forward(conv2d(&self.conv1, x.clone())));
-        let y = self.bn2.forward(conv2d(&self.conv2, y));
+        let y = relu(batch_norm_2d(&self.bn1, conv2d(&self.conv1, x.clone())));
+        let y = batch_norm_2d(&self.bn2, conv2d(&self.conv2, y));
         let skip = match &self.shortcut {
-            Some(s) => s.bn.forward(conv2d(&s.conv, x)),
+            Some(s) => batch_norm_2d(&s.bn, conv2d(&s.conv, x)),
             None => x,
         };
         relu(y + skip)
@@ -128,12 +129,11 @@ pub struct ResNetEncoder<B: Backend> {
 impl<B: Backend> ResNetEncoder<B> {
     /// `[batch, 1, 28, 28]` -> `[batch, widths[2]]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let mut x = relu(self.stem_bn.forward(conv2d(&self.stem, images)));
+        let mut x = relu(batch_norm_2d(&self.stem_bn, conv2d(&self.stem, images)));
         for block in self.stage1.iter().chain(&self.stage2).chain(&self.stage3) {
             x = block.forward(x);
         }
-        let [batch, channels, _, _] = x.dims();
-        x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+        channel_means(x)
     }
 
     /// The same encoder with everything but the last stage frozen.
