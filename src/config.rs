@@ -425,6 +425,9 @@ mod tests {
             "fashion-vae.toml",
             "smoke.toml",
             "fashion-simclr.toml",
+            "fashion-simclr-wide.toml",
+            "fashion-simclr-wide2.toml",
+            "fashion-simclr-resnet.toml",
             "smoke-simclr.toml",
         ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
