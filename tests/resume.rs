@@ -26,6 +26,11 @@ fn killed_and_resumed_matches_uninterrupted() {
             .arg("--resume"),
         &resumed,
         first + 10,
+    )
+    .expect("the resumed run finished before it could be killed again");
+    assert!(
+        first < second && second < 48,
+        "killed again, later, mid-run"
     );
     // What a kill in the middle of an atomic write leaves: a temporary file, cleared on resume.
     let stale = resumed.join(".checkpoint.bin.tmp.4242");
@@ -37,7 +42,7 @@ fn killed_and_resumed_matches_uninterrupted() {
     assert!(!stale.exists(), "stale temporary file removed");
     let err = stderr(&out);
     assert!(err.contains("resuming"), "{err}");
-    eprintln!("killed at checkpoint steps {first} and {second:?}");
+    eprintln!("killed at checkpoint steps {first} and {second}");
 
     let (a, b) = (summary(&tmp.path().join("straight")), summary(&resumed));
     assert_eq!(a["global_step"], 48);

@@ -174,8 +174,9 @@ pub fn kill_after_checkpoint(
     run_dir: &Path,
     step: u64,
 ) -> Option<u64> {
-    // Let it run on a little past the checkpoint, so there is work to lose.
-    kill_when(cmd, run_dir, Duration::from_millis(150), |ck| {
+    // Let it run on a little past the checkpoint, so there is work to lose; briefly, as a small
+    // run on a fast machine does 150 steps a second and would finish before the kill.
+    kill_when(cmd, run_dir, Duration::from_millis(25), |ck| {
         (ck.header.global_step >= step && !ck.header.finished).then_some(ck.header.global_step)
     })
 }
