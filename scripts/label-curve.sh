@@ -3,7 +3,7 @@
 #
 #   scripts/label-curve.sh [--encoder DIR] [--strategies "random margin"]
 #                          [--budgets "1000 2000"] [--seeds "1 2 3"] [--out DIR] [--semi]
-#                          [-- FINETUNE FLAGS]
+#                          [--join DIR] [-- FINETUNE FLAGS]
 #
 # For each strategy and seed it runs ONE `frugal finetune` to the largest budget; the model of each
 # smaller budget is the one trained in the round that reached it (metrics.csv), which is exactly
@@ -23,6 +23,9 @@
 # slice out of everything (curve.md's audit table). The slice grows with the budget, so run each
 # budget in its own --out (the rows of smaller budgets in a larger run's metrics.csv have the larger
 # slice). Not with typiclust (its cold start is the whole budget).
+# --join DIR (with --semi): each run joins the run of the same name in DIR (a finished curve of
+# another encoder): it trains on that run's bought labels and averages both final models
+# (`frugal finetune --join`); the table's rows are then the ensemble's.
 # Runs that exist are resumed (or skipped when finished).
 # Writes <out>/curve.csv, <out>/curve.md and <out>/curve.png (plot needs matplotlib: installed into
 # .venv on demand).
@@ -35,6 +38,7 @@ budgets="1000 2000"
 seeds="1 2 3"
 out=checkpoints/label-curve
 semi=0
+join=
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -44,8 +48,9 @@ while [ $# -gt 0 ]; do
         --seeds) seeds=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --semi) semi=1; shift ;;
+        --join) join=$2; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -53,6 +58,10 @@ done
 # FRUGAL_BIN: a copy of the binary, so that rebuilding during a long curve cannot mix versions.
 bin=${FRUGAL_BIN:-target/release/frugal}
 [ -x "$bin" ] || cargo build --release
+if [ -n "$join" ] && [ "$semi" != 1 ]; then
+    echo "error: --join needs --semi (it joins the semi-supervised runs of another curve)" >&2
+    exit 2
+fi
 max=$(printf '%s\n' $budgets | sort -n | tail -1)
 mkdir -p "$out"
 
@@ -83,8 +92,10 @@ for strategy in $strategies; do
             for b in $budgets; do
                 initial=()
                 [ "$strategy" = typiclust ] && initial=(--initial "$b")
+                joining=()
+                [ -n "$join" ] && joining=(--join "$join/$strategy-s$seed-b$b")
                 finetune "$strategy-s$seed-b$b" --encoder "$encoder" --labels "$b" "${plan[@]}" \
-                    "${initial[@]}" --semi fixmatch --seed "$seed"
+                    "${initial[@]}" --semi fixmatch --seed "$seed" "${joining[@]}"
             done
         elif [ "$strategy" = typiclust ]; then
             # One purchase per run: each budget is its own run.

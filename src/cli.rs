@@ -240,6 +240,13 @@ pub struct FinetuneArgs {
     /// plans its steps to end in time [default: none].
     #[arg(long, value_name = "MINUTES")]
     pub time_budget: Option<f64>,
+    /// Join a finished run (with the semi-supervised stage): this run trains on the labels that
+    /// run bought (its ledger is copied into this run's database; nothing is bought anew, so
+    /// --strategy and --cold-start do not apply) and its final predictions average both runs'
+    /// final models: an ensemble of two encoders on the same labels. The label flags must match
+    /// that run's [default: none].
+    #[arg(long, value_name = "RUN")]
+    pub join: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -517,6 +524,9 @@ fn apply_finetune_flags(cfg: &mut FinetuneConfig, args: &FinetuneArgs) {
     }
     if let Some(v) = &args.label_db {
         l.db = Some(v.clone());
+    }
+    if let Some(v) = &args.join {
+        cfg.join = Some(v.clone());
     }
     if let Some(v) = args.freeze {
         cfg.model.freeze = v;

@@ -439,3 +439,105 @@ fn stage_members_average_their_predictions_and_resume_inside_a_member() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("semi.members"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_joined_run_trains_a_second_encoder_on_the_same_bought_labels_and_averages_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (data, enc, pipeline) = setup(root);
+    // The second encoder: another pretraining method, another architecture.
+    let out = run(&mut smoke_simclr(root, &data, "enc2"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let enc2 = root.join("enc2");
+    let labels = |c: &mut Command, n: &str| {
+        c.args([
+            "--labels",
+            n,
+            "--validation",
+            "audit",
+            "--validation-fraction",
+            "0.2",
+            "--test-time-flip",
+        ]);
+    };
+    let mut base = semi_finetune(root, &data, &enc, &pipeline, "base");
+    labels(&mut base, "75");
+    let out = run(&mut base);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b = summary(&root.join("base"));
+
+    let joined = |name: &str, n: &str| {
+        let mut c = semi_finetune(root, &data, &enc2, &pipeline, name);
+        labels(&mut c, n);
+        c.arg("--join").arg(root.join("base"));
+        c
+    };
+    let out = run(&mut joined("joined", "75"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("its bought labels copied"), "{err}");
+    assert!(err.contains("joined with"), "{err}");
+    assert!(
+        !err.contains("round 1: bought"),
+        "the joined run bought labels: {err}"
+    );
+    // The same labels, bought once by the first run and recorded in both ledgers.
+    let ledger = |dir: &str| -> Vec<(u64, u32, String)> {
+        LabelDb::open(&root.join(dir).join("labels.db"))
+            .unwrap()
+            .bought()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.item, b.round, b.strategy))
+            .collect()
+    };
+    assert_eq!(ledger("joined"), ledger("base"));
+    assert_eq!(ledger("joined").len(), 75);
+    let j = summary(&root.join("joined"));
+    assert_eq!(j["labels_bought"], 75);
+    let join = &j["join"];
+    assert_eq!(join["models"], 1);
+    assert_eq!(join["joined_models"], 1);
+    // The joined run's model, read from its checkpoint, predicts what it predicted in its run.
+    assert_eq!(join["joined_test_accuracy"], b["test_accuracy"], "{join}");
+    assert_eq!(join["joined_audit_accuracy"], b["audit_accuracy"], "{join}");
+    assert_ne!(
+        std::fs::read_to_string(root.join("joined/predictions.csv")).unwrap(),
+        std::fs::read_to_string(root.join("base/predictions.csv")).unwrap(),
+        "the second encoder changed nothing"
+    );
+    for key in ["test_accuracy", "audit_accuracy"] {
+        let v = j[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {j}");
+    }
+
+    // Killed in its stage and resumed: the ledger is not copied again, the end is the same.
+    let killed = root.join("joined-killed");
+    kill_in_stage(&mut joined("joined-killed", "75"), &killed, 0, 5);
+    let out = run(joined("joined-killed", "75").arg("--resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("copied"), "{}", stderr(&out));
+    assert_eq!(ledger("joined-killed"), ledger("base"));
+    let k = summary(&killed);
+    assert_eq!(k["test_accuracy"], j["test_accuracy"]);
+    assert_eq!(k["join"], j["join"]);
+
+    // Another label plan, a run that is no finetune run, a run without the stage: refused.
+    let mut other_plan = joined("other-plan", "90");
+    let mut no_run = semi_finetune(root, &data, &enc2, &pipeline, "no-run");
+    labels(&mut no_run, "75");
+    no_run.args(["--join", "nowhere"]);
+    let mut no_stage = semi_finetune(root, &data, &enc2, &pipeline, "no-stage");
+    no_stage.args(["--labels", "75", "--semi", "none", "--join"]);
+    no_stage.arg(root.join("base"));
+    for (name, cmd, says) in [
+        ("other-plan", &mut other_plan, "another plan"),
+        ("no-run", &mut no_run, "not a finetune run"),
+        ("no-stage", &mut no_stage, "--join averages"),
+    ] {
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{name}: {}", stderr(&out));
+        assert!(!root.join(name).join("labels.db").exists(), "{name}");
+    }
+}

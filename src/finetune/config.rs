@@ -63,6 +63,11 @@ pub struct FinetuneConfig {
     /// semi-supervised stage gets what the rounds leave and plans its steps to end in time.
     /// Unset: no limit (the stage runs `semi.epochs`).
     pub time_budget_minutes: Option<f64>,
+    /// A finished run (with the stage) whose bought labels this run reuses, copied into its own
+    /// database (nothing is bought anew), and whose final model joins this run's in the final
+    /// predictions (an ensemble of two encoders on the same labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<PathBuf>,
 }
 
 impl Default for FinetuneConfig {
@@ -77,6 +82,7 @@ impl Default for FinetuneConfig {
             semi: SemiConfig::default(),
             report: FinetuneReport::default(),
             time_budget_minutes: None,
+            join: None,
         }
     }
 }
@@ -491,6 +497,9 @@ impl FinetuneConfig {
         if self.semi.method != SemiMethod::None {
             plan["semi"] = serde_json::to_value(&self.semi).unwrap_or_default();
         }
+        if let Some(join) = &self.join {
+            plan["join"] = serde_json::json!(join);
+        }
         plan
     }
 
@@ -640,6 +649,12 @@ impl FinetuneConfig {
                      fixmatch, or drop --time-budget"
                 );
             }
+        }
+        if self.join.is_some() && s.method == SemiMethod::None {
+            bail!(
+                "--join averages this run's and the joined run's final models after the \
+                 semi-supervised stage, which is off: add --semi fixmatch"
+            );
         }
         if self.data.limit == Some(0) || self.data.test_limit == Some(0) {
             bail!("data.limit and data.test_limit must be at least 1");

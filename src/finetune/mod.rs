@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod join;
 pub mod report;
 pub mod semi;
 pub mod train;
@@ -40,6 +41,7 @@ use crate::run::{MetricsCsv, RunDir};
 use crate::tensorboard::{image_grid, EventWriter};
 use config::{ColdStart, FinetuneConfig, Freeze, SemiKeep, SemiMethod};
 use encoder::{encode_all, load_encoder};
+use join::{JoinSummary, JoinedRun};
 use report::{per_class_map, ConfusionMatrix, FinetuneSummary, FlipSummary, SemiSummary};
 use semi::{SemiBlobs, SemiProgress, SemiState};
 use train::{score, train_round, Inputs, RoundTraining, Set};
@@ -157,17 +159,47 @@ impl BackendJob for FinetuneJob {
         });
         let method = cfg.labels.strategy.name();
 
+        // A joined run lends its bought labels: its ledger, copied before anything else, is this
+        // run's whole purchase.
+        let joined = match &cfg.join {
+            Some(dir) => Some(JoinedRun::open(dir, &cfg)?),
+            None => None,
+        };
+        let mut ledger_copied = false;
+        if let Some(j) = &joined {
+            if !db_path.exists() {
+                j.copy_ledger(&db_path)?;
+                ledger_copied = true;
+                log(
+                    None,
+                    &format!(
+                        "joining {}: its bought labels copied to {}",
+                        j.dir.display(),
+                        db_path.display()
+                    ),
+                );
+            }
+        }
         // The label database: the run's ledger and the only source of training labels.
         let mut db = open_label_db(
             &db_path,
             &cfg,
             &pool_images,
-            resume,
+            resume || ledger_copied,
             run.checkpoint().exists(),
         )?;
         let mut pool = Pool::from_ledger(pool_images.len(), db.bought()?)?;
         let sizes = cfg.labels.round_sizes();
         check_ledger(&pool, &sizes)?;
+        if joined.is_some() && (pool.rounds() as usize) < sizes.len() {
+            bail!(
+                "{}: the joined run's ledger holds {} of {} rounds: a joined run buys nothing \
+                 itself (join a finished run, with the same label flags)",
+                db_path.display(),
+                pool.rounds(),
+                sizes.len()
+            );
+        }
 
         // The model of the last checkpoint, if it was trained on exactly the labels bought.
         let ckpt_path = run.checkpoint();
@@ -566,6 +598,86 @@ impl BackendJob for FinetuneJob {
             (test_probs, audit_final, None)
         };
 
+        // Joined: the final predictions average this run's models and the joined run's.
+        let (test_probs, audit_final, join_summary) = match &joined {
+            Some(j) => {
+                let flip = cfg.semi.test_time_flip;
+                let theirs = j.final_models::<B::InnerBackend>(&device)?;
+                let test_items: Vec<usize> = (0..test_images.len()).collect();
+                let (their_test, _) =
+                    ensemble_probs(&theirs, inputs, Set::Test, &test_items, &cfg, flip, &device)?;
+                let (ours, n) = (final_models.len() as f32, theirs.len() as f32);
+                let mix = |a: &[f32], b: &[f32]| -> Vec<f32> {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (ours * a + n * b) / (ours + n))
+                        .collect()
+                };
+                let (audit_items, audit_labels): (Vec<usize>, Vec<u8>) =
+                    audit.iter().copied().unzip();
+                let (joined_audit, ensemble_audit) = if audit.is_empty() {
+                    (None, audit_final)
+                } else {
+                    let (our_audit, _) = ensemble_probs(
+                        &final_models,
+                        inputs,
+                        Set::Pool,
+                        &audit_items,
+                        &cfg,
+                        flip,
+                        &device,
+                    )?;
+                    let (their_audit, _) = ensemble_probs(
+                        &theirs,
+                        inputs,
+                        Set::Pool,
+                        &audit_items,
+                        &cfg,
+                        flip,
+                        &device,
+                    )?;
+                    let acc = |p: &[f32]| ConfusionMatrix::new(p, &audit_labels).accuracy();
+                    (
+                        Some(acc(&their_audit)),
+                        Some(acc(&mix(&our_audit, &their_audit))),
+                    )
+                };
+                let summary = JoinSummary {
+                    run: j.dir.display().to_string(),
+                    models: final_models.len(),
+                    joined_models: theirs.len(),
+                    test_accuracy_alone: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
+                    joined_test_accuracy: ConfusionMatrix::new(&their_test, &test_labels)
+                        .accuracy(),
+                    audit_accuracy_alone: audit_final,
+                    joined_audit_accuracy: joined_audit,
+                };
+                let probs = mix(&test_probs, &their_test);
+                let audit_text = against(
+                    "audit accuracy",
+                    ensemble_audit,
+                    audit_final,
+                    &format!(
+                        "alone ({:.2}% the joined run's); ",
+                        100.0 * joined_audit.unwrap_or(f64::NAN)
+                    ),
+                );
+                log(
+                    None,
+                    &format!(
+                        "joined with {}: {audit_text}test accuracy {:.2}% against {:.2}% alone \
+                         ({:.2}% the joined run's; report only)",
+                        j.dir.display(),
+                        100.0 * ConfusionMatrix::new(&probs, &test_labels).accuracy(),
+                        100.0 * summary.test_accuracy_alone,
+                        100.0 * summary.joined_test_accuracy
+                    ),
+                );
+                (probs, ensemble_audit, Some(summary))
+            }
+            None => (test_probs, audit_final, None),
+        };
+
         // The end: predictions, confusion matrix, projector, summary.
         let seconds = seconds_before + started.elapsed().as_secs_f64();
         writer.save(&model, &training, &pool, seconds, semi_state.as_ref(), true)?;
@@ -642,6 +754,7 @@ impl BackendJob for FinetuneJob {
             seconds,
             semi: semi_summary,
             test_time_flip: flip_summary,
+            join: join_summary,
             config: serde_json::to_value(&cfg)?,
         };
         crate::checkpoint::write_atomic(

@@ -139,6 +139,9 @@ pub struct FinetuneSummary {
     /// predictions'): the same model's figures without the flip, so one run compares both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_time_flip: Option<FlipSummary>,
+    /// With `--join`: each member's figures alone (the figures above are the ensemble's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<super::join::JoinSummary>,
     /// The effective config.
     pub config: serde_json::Value,
 }

@@ -334,6 +334,52 @@ impl LabelDb {
         tx.commit().map_err(sql(path))
     }
 
+    /// Writes a consistent copy of this database (ground truth, budget and ledger) to `to`, where
+    /// nothing may be yet; the copy is complete before it appears under that name.
+    pub fn copy_to(&self, to: &Path) -> Result<(), LabelDbError> {
+        if to.symlink_metadata().is_ok() {
+            return Err(LabelDbError::AlreadyExists(to.into()));
+        }
+        let Some(name) = to.file_name() else {
+            return Err(LabelDbError::BadInput {
+                path: to.into(),
+                what: "the path names no file".into(),
+            });
+        };
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".partial-{}", std::process::id()));
+        let tmp = to.parent().unwrap_or(Path::new("")).join(tmp_name);
+        remove_if_present(&tmp).map_err(|error| LabelDbError::Io {
+            path: tmp.clone(),
+            error,
+        })?;
+        let target = tmp.to_str().ok_or_else(|| LabelDbError::BadInput {
+            path: to.into(),
+            what: "the path is not valid UTF-8".into(),
+        })?;
+        // VACUUM INTO writes a transactionally consistent snapshot, whatever else has the file open.
+        let copied = self
+            .conn
+            .execute("VACUUM INTO ?1", [target])
+            .map_err(sql(&tmp))
+            .and_then(|_| {
+                // VACUUM INTO does not sync its output: the copy must be on disk before its name.
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|error| LabelDbError::Io {
+                        path: tmp.clone(),
+                        error,
+                    })
+            })
+            .and_then(|()| publish(&tmp, to));
+        if let Err(e) = copied {
+            let _ = remove_if_present(&tmp);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Labels bought so far.
     pub fn spent(&self) -> Result<u64, LabelDbError> {
         count_ledger(&self.conn).map_err(sql(&self.path))
