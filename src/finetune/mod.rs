@@ -601,79 +601,16 @@ impl BackendJob for FinetuneJob {
         // Joined: the final predictions average this run's models and the joined run's.
         let (test_probs, audit_final, join_summary) = match &joined {
             Some(j) => {
-                let flip = cfg.semi.test_time_flip;
-                let theirs = j.final_models::<B::InnerBackend>(&device)?;
-                let test_items: Vec<usize> = (0..test_images.len()).collect();
-                let (their_test, _) =
-                    ensemble_probs(&theirs, inputs, Set::Test, &test_items, &cfg, flip, &device)?;
-                let (ours, n) = (final_models.len() as f32, theirs.len() as f32);
-                let mix = |a: &[f32], b: &[f32]| -> Vec<f32> {
-                    a.iter()
-                        .zip(b)
-                        .map(|(a, b)| (ours * a + n * b) / (ours + n))
-                        .collect()
-                };
-                let (audit_items, audit_labels): (Vec<usize>, Vec<u8>) =
-                    audit.iter().copied().unzip();
-                let (joined_audit, ensemble_audit) = if audit.is_empty() {
-                    (None, audit_final)
-                } else {
-                    let (our_audit, _) = ensemble_probs(
-                        &final_models,
-                        inputs,
-                        Set::Pool,
-                        &audit_items,
-                        &cfg,
-                        flip,
-                        &device,
-                    )?;
-                    let (their_audit, _) = ensemble_probs(
-                        &theirs,
-                        inputs,
-                        Set::Pool,
-                        &audit_items,
-                        &cfg,
-                        flip,
-                        &device,
-                    )?;
-                    let acc = |p: &[f32]| ConfusionMatrix::new(p, &audit_labels).accuracy();
-                    (
-                        Some(acc(&their_audit)),
-                        Some(acc(&mix(&our_audit, &their_audit))),
-                    )
-                };
-                let summary = JoinSummary {
-                    run: j.dir.display().to_string(),
-                    models: final_models.len(),
-                    joined_models: theirs.len(),
-                    test_accuracy_alone: ConfusionMatrix::new(&test_probs, &test_labels).accuracy(),
-                    joined_test_accuracy: ConfusionMatrix::new(&their_test, &test_labels)
-                        .accuracy(),
-                    audit_accuracy_alone: audit_final,
-                    joined_audit_accuracy: joined_audit,
-                };
-                let probs = mix(&test_probs, &their_test);
-                let audit_text = against(
-                    "audit accuracy",
-                    ensemble_audit,
-                    audit_final,
-                    &format!(
-                        "alone ({:.2}% the joined run's); ",
-                        100.0 * joined_audit.unwrap_or(f64::NAN)
-                    ),
-                );
-                log(
-                    None,
-                    &format!(
-                        "joined with {}: {audit_text}test accuracy {:.2}% against {:.2}% alone \
-                         ({:.2}% the joined run's; report only)",
-                        j.dir.display(),
-                        100.0 * ConfusionMatrix::new(&probs, &test_labels).accuracy(),
-                        100.0 * summary.test_accuracy_alone,
-                        100.0 * summary.joined_test_accuracy
-                    ),
-                );
-                (probs, ensemble_audit, Some(summary))
+                let (probs, audit, summary) = join_ensemble(
+                    j,
+                    &final_models,
+                    inputs,
+                    &cfg,
+                    (&test_probs, &test_labels),
+                    (&audit, audit_final),
+                    &device,
+                )?;
+                (probs, audit, Some(summary))
             }
             None => (test_probs, audit_final, None),
         };
@@ -937,6 +874,83 @@ fn against(what: &str, a: Option<f64>, b: Option<f64>, then: &str) -> String {
         (Some(a), Some(b)) => format!("{what} {:.2}% against {:.2}% {then}", 100.0 * a, 100.0 * b),
         _ => String::new(),
     }
+}
+
+/// The final predictions of a joined run: the mean class probabilities of this run's final
+/// `ours` and the joined run's final models (each model counts once), on the test set (`test`:
+/// this run's probabilities `[test * classes]` and the labels, report only) and on the audit slice
+/// (`audit`: the slice and this run's accuracy on it). Returns the test probabilities, the audit
+/// accuracy and the summary of each run alone.
+fn join_ensemble<B: Backend>(
+    joined: &JoinedRun,
+    ours: &[Classifier<B>],
+    inputs: &Inputs,
+    cfg: &FinetuneConfig,
+    test: (&[f32], &[u8]),
+    audit: (&[Labeled], Option<f64>),
+    device: &B::Device,
+) -> Result<(Vec<f32>, Option<f64>, JoinSummary)> {
+    let ((our_test, test_labels), (audit, our_audit_accuracy)) = (test, audit);
+    let theirs = joined.final_models::<B>(device)?;
+    let probs = |models: &[Classifier<B>], set: Set, items: &[usize]| -> Result<Vec<f32>> {
+        let flip = cfg.semi.test_time_flip;
+        Ok(ensemble_probs(models, inputs, set, items, cfg, flip, device)?.0)
+    };
+    let (n_ours, n_theirs) = (ours.len() as f32, theirs.len() as f32);
+    let mix = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (n_ours * a + n_theirs * b) / (n_ours + n_theirs))
+            .collect()
+    };
+    let test_items: Vec<usize> = (0..test_labels.len()).collect();
+    let their_test = probs(&theirs, Set::Test, &test_items)?;
+    let mixed_test = mix(our_test, &their_test);
+    let (their_audit, mixed_audit) = if audit.is_empty() {
+        (None, our_audit_accuracy)
+    } else {
+        let (items, labels): (Vec<usize>, Vec<u8>) = audit.iter().copied().unzip();
+        let (ours_p, theirs_p) = (
+            probs(ours, Set::Pool, &items)?,
+            probs(&theirs, Set::Pool, &items)?,
+        );
+        let accuracy = |p: &[f32]| ConfusionMatrix::new(p, &labels).accuracy();
+        (
+            Some(accuracy(&theirs_p)),
+            Some(accuracy(&mix(&ours_p, &theirs_p))),
+        )
+    };
+    let test_accuracy = |p: &[f32]| ConfusionMatrix::new(p, test_labels).accuracy();
+    let summary = JoinSummary {
+        run: joined.dir.display().to_string(),
+        models: ours.len(),
+        joined_models: theirs.len(),
+        test_accuracy_alone: test_accuracy(our_test),
+        joined_test_accuracy: test_accuracy(&their_test),
+        audit_accuracy_alone: our_audit_accuracy,
+        joined_audit_accuracy: their_audit,
+    };
+    let audit_text = against(
+        "audit accuracy",
+        mixed_audit,
+        our_audit_accuracy,
+        &format!(
+            "alone ({:.2}% the joined run's); ",
+            100.0 * their_audit.unwrap_or(f64::NAN)
+        ),
+    );
+    log(
+        None,
+        &format!(
+            "joined with {}: {audit_text}test accuracy {:.2}% against {:.2}% alone ({:.2}% the \
+             joined run's; report only)",
+            joined.dir.display(),
+            100.0 * test_accuracy(&mixed_test),
+            100.0 * summary.test_accuracy_alone,
+            100.0 * summary.joined_test_accuracy
+        ),
+    );
+    Ok((mixed_test, mixed_audit, summary))
 }
 
 /// The accuracy of `models`' mean predictions on the audit slice `audit` (`None` when it is
