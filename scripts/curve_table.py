@@ -4,7 +4,8 @@ curve.csv (one row per run and budget), curve.md (mean, spread over seeds) and, 
 curve.png (labels vs test accuracy, one line per strategy, min-max band over seeds).
 With --semi: one run per budget (<out>/<strategy>-s<seed>-b<budget>/summary.json), each strategy
 shown before ("<strategy>") and after ("<strategy> + fixmatch") the semi-supervised stage, and
-with `--test-time-flip` the same model's flipped predictions ("<strategy> + fixmatch + flip").
+with `--test-time-flip` the same model's flipped predictions ("<strategy> + fixmatch + flip"), and
+with `--join` that model averaged with the joined run's ("... + joined run").
 Runs with an audit slice (`--validation audit`) also get a table of their accuracy on it."""
 import argparse
 import csv
@@ -46,6 +47,15 @@ for strategy in a.strategies if a.semi else []:
                                semi["validation_accuracy"], summary.get("audit_accuracy")))
                 if f"{strategy} + fixmatch + flip" not in names:
                     names.insert(names.index(f"{strategy} + fixmatch") + 1, stages[2][0])
+            join = summary.get("join")
+            if join:  # this run's model alone, then averaged with the joined run's
+                last = stages[-1]
+                stages[-1] = (last[0], join["test_accuracy_alone"], last[2],
+                              join.get("audit_accuracy_alone"))
+                stages.append((f"{last[0]} + joined run", summary["test_accuracy"], last[2],
+                               summary.get("audit_accuracy")))
+                if stages[-1][0] not in names:
+                    names.insert(names.index(last[0]) + 1, stages[-1][0])
             for name, acc, val, audit in stages:
                 rows.append({"strategy": name, "seed": seed, "labels": b, "test_accuracy": acc,
                              "validation_accuracy": val, "audit_accuracy": audit,
