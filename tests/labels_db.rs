@@ -117,3 +117,38 @@ fn labels_import_without_label_file_fails_cleanly() {
     );
     assert!(!path.exists());
 }
+
+#[test]
+fn a_copy_holds_the_same_truth_budget_and_ledger_and_never_overwrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    data_dir(&data, 30, 30);
+    let path = tmp.path().join("labels.db");
+    let mut db = labels::import(&path, &data, None, Some(5)).unwrap();
+    db.query(&[buy(2), buy(7)]).unwrap();
+
+    let copy = tmp.path().join("copy.db");
+    db.copy_to(&copy).unwrap();
+    let mut c = LabelDb::open(&copy).unwrap();
+    assert_eq!(c.dataset().unwrap(), db.dataset().unwrap());
+    assert_eq!(c.budget().unwrap(), Some(5));
+    let items = |d: &LabelDb| -> Vec<u64> { d.bought().unwrap().iter().map(|b| b.item).collect() };
+    assert_eq!(items(&c), vec![2, 7]);
+    // The copy enforces the same budget: 2 spent of 5, so 4 more are refused.
+    assert!(c.query(&[buy(1), buy(3), buy(4), buy(5)]).is_err());
+    assert_eq!(c.spent().unwrap(), 2);
+    // No partial file is left beside it.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+
+    // Never over an existing file: the copy and its ledger stay as they were.
+    let err = db.copy_to(&copy).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(items(&LabelDb::open(&copy).unwrap()), vec![2, 7]);
+    assert_eq!(db.spent().unwrap(), 2);
+}

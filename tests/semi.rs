@@ -527,12 +527,21 @@ fn a_joined_run_trains_a_second_encoder_on_the_same_bought_labels_and_averages_b
     let mut no_run = semi_finetune(root, &data, &enc2, &pipeline, "no-run");
     labels(&mut no_run, "75");
     no_run.args(["--join", "nowhere"]);
+    // A run that has a config but no checkpoint yet (killed before its first round ended).
+    let untrained = root.join("untrained");
+    std::fs::create_dir(&untrained).unwrap();
+    std::fs::copy(root.join("base/config.toml"), untrained.join("config.toml")).unwrap();
+    std::fs::copy(root.join("base/labels.db"), untrained.join("labels.db")).unwrap();
+    let mut not_trained = semi_finetune(root, &data, &enc2, &pipeline, "not-trained");
+    labels(&mut not_trained, "75");
+    not_trained.arg("--join").arg(&untrained);
     let mut no_stage = semi_finetune(root, &data, &enc2, &pipeline, "no-stage");
     no_stage.args(["--labels", "75", "--semi", "none", "--join"]);
     no_stage.arg(root.join("base"));
     for (name, cmd, says) in [
         ("other-plan", &mut other_plan, "another plan"),
         ("no-run", &mut no_run, "not a finetune run"),
+        ("not-trained", &mut not_trained, "has not trained yet"),
         ("no-stage", &mut no_stage, "--join averages"),
     ] {
         let out = run(cmd);
@@ -540,4 +549,16 @@ fn a_joined_run_trains_a_second_encoder_on_the_same_bought_labels_and_averages_b
         assert!(stderr(&out).contains(says), "{name}: {}", stderr(&out));
         assert!(!root.join(name).join("labels.db").exists(), "{name}");
     }
+
+    // The joined run's encoder pretrained again, as another model: its final models no longer fit.
+    std::fs::remove_dir_all(&enc).unwrap();
+    let out = run(&mut smoke_simclr(root, &data, "enc"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&mut joined("encoder-changed", "75"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has changed since"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::config::{FinetuneConfig, SemiMethod};
-use super::encoder::load_encoder;
+use super::encoder::{encoder_identity, load_encoder};
 use super::semi::SemiProgress;
 use crate::checkpoint::{record_from_bytes, Checkpoint};
 use crate::data::CLASS_NAMES;
@@ -131,7 +131,30 @@ impl JoinedRun {
     /// The checkpoint, and the stage's progress in it, of the finished joined run.
     fn finished_stage(&self) -> Result<(Checkpoint, PathBuf, SemiProgress)> {
         let path = self.dir.join("checkpoint.bin");
-        let ck = Checkpoint::load(&path)?;
+        if !path.exists() {
+            bail!(
+                "--join {}: no checkpoint.bin there: that run has not trained yet (run it to its \
+                 end first)",
+                self.dir.display()
+            );
+        }
+        let ck = Checkpoint::load(&path)
+            .with_context(|| format!("--join {}: unreadable checkpoint", self.dir.display()))?;
+        // Its weights fit only the encoder they were trained on: refuse one pretrained again since.
+        let identity = encoder_identity(&self.cfg.encoder).with_context(|| {
+            format!(
+                "--join {}: cannot read the encoder it was trained on",
+                self.dir.display()
+            )
+        })?;
+        if ck.header.architecture.get("encoder") != Some(&identity) {
+            bail!(
+                "--join {}: its encoder run {} has changed since that run trained on it (another \
+                 architecture or pretraining): its final models cannot be loaded",
+                self.dir.display(),
+                self.cfg.encoder.display()
+            );
+        }
         let progress = ck
             .header
             .extra

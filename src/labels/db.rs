@@ -131,6 +131,21 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Where a database bound for `path` is written before [`publish`] gives it that name: a hidden
+/// name in the same directory, unique to this process.
+fn partial_path(path: &Path) -> Result<PathBuf, LabelDbError> {
+    let Some(name) = path.file_name() else {
+        return Err(LabelDbError::BadInput {
+            path: path.into(),
+            what: "the path names no file".into(),
+        });
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".partial-{}", std::process::id()));
+    Ok(path.parent().unwrap_or(Path::new("")).join(tmp_name))
+}
+
 /// Gives the finished file `tmp` the name `path`, never replacing an existing `path`.
 fn publish(tmp: &Path, path: &Path) -> Result<(), LabelDbError> {
     let io = |error| LabelDbError::Io {
@@ -199,14 +214,7 @@ impl LabelDb {
                 CLASS_NAMES.len()
             )));
         }
-        let Some(name) = path.file_name() else {
-            return Err(bad("the path names no file".into()));
-        };
-        let dir = path.parent().unwrap_or(Path::new(""));
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".partial-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
+        let tmp = partial_path(path)?;
         let mut journal = tmp.clone().into_os_string();
         journal.push("-journal");
         let journal = PathBuf::from(journal);
@@ -340,16 +348,8 @@ impl LabelDb {
         if to.symlink_metadata().is_ok() {
             return Err(LabelDbError::AlreadyExists(to.into()));
         }
-        let Some(name) = to.file_name() else {
-            return Err(LabelDbError::BadInput {
-                path: to.into(),
-                what: "the path names no file".into(),
-            });
-        };
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".partial-{}", std::process::id()));
-        let tmp = to.parent().unwrap_or(Path::new("")).join(tmp_name);
+        let tmp = partial_path(to)?;
+        // A leftover of a crashed copy with our process id cannot belong to anyone else.
         remove_if_present(&tmp).map_err(|error| LabelDbError::Io {
             path: tmp.clone(),
             error,
